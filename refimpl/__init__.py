@@ -1,0 +1,20 @@
+"""refimpl: an executable specification of the openPangu language models in NumPy.
+
+    import refimpl
+    model = refimpl.init_model("tiny-dense", seed=0, numerics="fp32")
+    logits = model.forward([1, 5, 7])          # [T, vocab]
+"""
+
+from .cache import KVCache
+from .config import PRESET_NAMES, ModelConfig, parameter_count, preset, weight_shapes
+from .errors import RefimplError
+from .generate import generate
+from .model import Model
+from .random_init import init_model, random_weights
+from .taps import Taps
+
+__version__ = "0.1.0"
+
+__all__ = ["KVCache", "PRESET_NAMES", "ModelConfig", "parameter_count", "preset",
+           "weight_shapes", "RefimplError", "generate", "Model", "init_model", "random_weights",
+           "Taps", "__version__"]

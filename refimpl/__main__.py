@@ -1,0 +1,5 @@
+"""`python -m refimpl ...`"""
+
+from .cli import main
+
+raise SystemExit(main())

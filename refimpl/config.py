@@ -1,0 +1,335 @@
+"""Model configuration: read, validate and write Hugging Face `config.json` of both families.
+
+Two families share one config type:
+
+* ``dense``: openPangu-Embedded (``model_type`` ``PanguEmbedded``), a Llama-shaped decoder.
+* ``moge``: Pangu Pro MoE v1 (``model_type`` ``PanguProMoE``), the same attention with a
+  Mixture of Grouped Experts MLP in every layer (except those in ``mlp_only_layers``).
+
+Switches for facts MODEL-SPEC marks *uncertain*, or that have two conventions:
+
+* ``rope_angles``: ``"exact"`` (default) computes RoPE angles ``position * inv_freq`` in
+  float64 and rounds cos/sin once; ``"float32"`` reproduces Hugging Face's recipe (inv_freq
+  and angle in float32), which drifts by ~1e-3 rad at position 30000.
+* ``rope_theta`` of Pro-MoE defaults to 1.6e7 (taken from the configuration class defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+DENSE = "dense"
+MOGE = "moge"
+
+_FAMILY_BY_MODEL_TYPE = {"PanguEmbedded": DENSE, "PanguProMoE": MOGE}
+_MODEL_TYPE_BY_FAMILY = {DENSE: "PanguEmbedded", MOGE: "PanguProMoE"}
+_ARCH_BY_FAMILY = {DENSE: "PanguEmbeddedForCausalLM", MOGE: "PanguProMoEForCausalLM"}
+_FAMILY_BY_ARCH = {arch: fam for fam, arch in _ARCH_BY_FAMILY.items()}
+ROPE_ANGLE_MODES = ("exact", "float32")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every field of MODEL-SPEC for both families; MoE fields are None for dense models."""
+
+    family: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    intermediate_size: int | None = None
+    head_dim: int | None = None  # None in config.json means hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 4_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    bias: bool = True  # q, k, v and o projections carry a bias
+    hidden_act: str = "silu"
+    bos_token_id: int = 1
+    pad_token_id: int = 0
+    eos_token_id: int = 45892
+    torch_dtype: str = "bfloat16"
+    # Pro-MoE (MoGE) fields
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None  # = number of groups, one expert per group
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
+    mlp_only_layers: tuple = ()
+    # refimpl switches (not in the Hugging Face config; written under "refimpl_" keys)
+    rope_angles: str = "exact"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
+                object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def is_moge(self) -> bool:
+        return self.family == MOGE
+
+    @property
+    def num_groups(self) -> int:
+        """MoGE groups = num_experts_per_tok (one expert is chosen from each group)."""
+        return self.num_experts_per_tok
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.num_experts // self.num_experts_per_tok
+
+    @property
+    def kv_group_size(self) -> int:
+        """Query heads per KV head: query head h reads KV head h // kv_group_size."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def layer_is_moe(self, layer: int) -> bool:
+        return self.is_moge and layer not in self.mlp_only_layers
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field that is missing or inconsistent."""
+
+        def need(cond, fieldname, msg):
+            if not cond:
+                raise ConfigError(f"config field '{fieldname}': {msg}")
+
+        need(self.family in (DENSE, MOGE), "model_type", f"unknown family {self.family!r}")
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+                 f"must be a positive integer, got {value!r}")
+        need(self.hidden_size % self.num_attention_heads == 0 or self.head_dim is not None,
+             "num_attention_heads",
+             f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size}"
+             " and head_dim is not given")
+        need(isinstance(self.head_dim, int) and self.head_dim > 0 and self.head_dim % 2 == 0,
+             "head_dim", f"must be a positive even integer (RoPE rotates pairs), got {self.head_dim!r}")
+        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+             f"{self.num_key_value_heads} does not divide num_attention_heads "
+             f"{self.num_attention_heads}")
+        need(isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0,
+             "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps!r}")
+        need(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1, "rope_theta",
+             f"must be > 1, got {self.rope_theta!r}")
+        need(self.hidden_act == "silu", "hidden_act",
+             f"only 'silu' is specified, got {self.hidden_act!r}")
+        need(self.rope_angles in ROPE_ANGLE_MODES, "refimpl_rope_angles",
+             f"must be one of {ROPE_ANGLE_MODES}, got {self.rope_angles!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            need(value is None or 0 <= value < self.vocab_size, name,
+                 f"{value} is outside the vocabulary [0, {self.vocab_size})")
+        dense_layers = [i for i in range(self.num_hidden_layers) if not self.layer_is_moe(i)]
+        if dense_layers:
+            need(isinstance(self.intermediate_size, int) and self.intermediate_size > 0,
+                 "intermediate_size", f"must be a positive integer, got {self.intermediate_size!r}")
+        if self.is_moge:
+            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                         "shared_expert_intermediate_size"):
+                value = getattr(self, name)
+                need(isinstance(value, int) and value > 0, name,
+                     f"must be a positive integer for a MoGE model, got {value!r}")
+            need(self.num_experts % self.num_experts_per_tok == 0, "num_experts_per_tok",
+                 f"the {self.num_experts} experts do not divide into {self.num_experts_per_tok}"
+                 " equal groups")
+            for layer in self.mlp_only_layers:
+                need(isinstance(layer, int) and 0 <= layer < self.num_hidden_layers,
+                     "mlp_only_layers", f"layer {layer!r} is not in [0, {self.num_hidden_layers})")
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        """Build from a Hugging Face config.json dict; family from model_type/architectures."""
+        if not isinstance(d, dict):
+            raise ConfigError("config.json must hold a JSON object")
+        family = _FAMILY_BY_MODEL_TYPE.get(d.get("model_type"))
+        if family is None:
+            for arch in d.get("architectures") or ():
+                family = _FAMILY_BY_ARCH.get(arch)
+                if family:
+                    break
+        if family is None:
+            raise ConfigError(
+                f"config field 'model_type': {d.get('model_type')!r} (architectures "
+                f"{d.get('architectures')!r}) is not PanguEmbedded or PanguProMoE")
+        names = {f.name for f in dataclasses.fields(cls)} - {"family", "rope_angles"}
+        kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
+        required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
+        for name in required:
+            if name not in kwargs:
+                raise ConfigError(f"config field '{name}': missing")
+        kwargs.setdefault("num_key_value_heads", kwargs["num_attention_heads"])
+        if "attention_bias" in d and "bias" not in d:
+            kwargs["bias"] = bool(d["attention_bias"])
+        if isinstance(kwargs.get("eos_token_id"), list):
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        if family == MOGE and "rope_theta" not in d:
+            kwargs["rope_theta"] = 16_000_000.0
+        if "refimpl_rope_angles" in d:
+            kwargs["rope_angles"] = d["refimpl_rope_angles"]
+        for name in ("rms_norm_eps", "rope_theta"):
+            if name in kwargs and isinstance(kwargs[name], int):
+                kwargs[name] = float(kwargs[name])
+        try:
+            return cls(family=family, **kwargs)
+        except TypeError as exc:  # pragma: no cover - defensive
+            raise ConfigError(f"config.json: {exc}") from None
+
+    def to_hf_dict(self) -> dict:
+        """The Hugging Face config.json dict of this config (refimpl switches as refimpl_*)."""
+        d = {"architectures": [_ARCH_BY_FAMILY[self.family]],
+             "model_type": _MODEL_TYPE_BY_FAMILY[self.family]}
+        for f in dataclasses.fields(self):
+            if f.name in ("family", "rope_angles"):
+                continue
+            value = getattr(self, f.name)
+            if value is None or (f.name == "mlp_only_layers" and not self.is_moge):
+                continue
+            d[f.name] = list(value) if isinstance(value, tuple) else value
+        d["refimpl_rope_angles"] = self.rope_angles
+        return d
+
+    @classmethod
+    def from_json(cls, path: str) -> "ModelConfig":
+        try:
+            with open(path, encoding="utf-8") as fh:
+                d = json.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_hf_dict(d)
+
+    def to_json(self, path: str) -> None:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.to_hf_dict(), fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------- weight layout
+def weight_shapes(config: ModelConfig) -> dict:
+    """Every tensor name of the Hugging Face checkpoint -> its shape, in checkpoint order.
+
+    Linear weights are stored [out_features, in_features]. ``lm_head.weight`` is absent when
+    the embeddings are tied.
+    """
+    c = config
+    H, D = c.hidden_size, c.head_dim
+    q_out, kv_out = c.num_attention_heads * D, c.num_key_value_heads * D
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, H)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (H,)
+        for name, out_features in (("q", q_out), ("k", kv_out), ("v", kv_out)):
+            shapes[p + f"self_attn.{name}_proj.weight"] = (out_features, H)
+            if c.bias:
+                shapes[p + f"self_attn.{name}_proj.bias"] = (out_features,)
+        shapes[p + "self_attn.o_proj.weight"] = (H, q_out)
+        if c.bias:
+            shapes[p + "self_attn.o_proj.bias"] = (H,)
+        shapes[p + "post_attention_layernorm.weight"] = (H,)
+        if c.layer_is_moe(i):
+            shapes[p + "mlp.gate.weight"] = (c.num_experts, H)
+            shapes[p + "mlp.router_scale"] = (1, c.num_experts)
+            for e in range(c.num_experts):
+                shapes.update(_swiglu_shapes(p + f"mlp.experts.{e}.", H, c.moe_intermediate_size))
+            shapes.update(_swiglu_shapes(p + "mlp.shared_expert.", H,
+                                         c.shared_expert_intermediate_size))
+        else:
+            shapes.update(_swiglu_shapes(p + "mlp.", H, c.intermediate_size))
+    shapes["model.norm.weight"] = (H,)
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, H)
+    return shapes
+
+
+def _swiglu_shapes(prefix: str, hidden: int, inter: int) -> dict:
+    return {prefix + "gate_proj.weight": (inter, hidden),
+            prefix + "up_proj.weight": (inter, hidden),
+            prefix + "down_proj.weight": (hidden, inter)}
+
+
+def parameter_count(config: ModelConfig, active: bool = False) -> int:
+    """Total parameters, or with active=True those one token touches (selected experts only)."""
+    total = 0
+    for name, shape in weight_shapes(config).items():
+        n = 1
+        for s in shape:
+            n *= s
+        if active and ".mlp.experts." in name:
+            n = n * config.num_experts_per_tok // config.num_experts
+        total += n
+    return total
+
+
+# ---------------------------------------------------------------------- presets
+_PRESETS = {
+    "embedded-1b": dict(
+        family=DENSE, hidden_size=1536, intermediate_size=6144, num_hidden_layers=26,
+        num_attention_heads=12, num_key_value_heads=6, head_dim=128, rms_norm_eps=1e-5,
+        rope_theta=4_000_000.0, max_position_embeddings=32768, vocab_size=153376,
+        tie_word_embeddings=True, bias=True),
+    "embedded-7b": dict(
+        family=DENSE, hidden_size=4096, intermediate_size=12800, num_hidden_layers=34,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        rope_theta=16_000_000.0, max_position_embeddings=32768, vocab_size=153376,
+        tie_word_embeddings=False, bias=True),
+    "pro-moe-72b": dict(
+        family=MOGE, hidden_size=5120, num_hidden_layers=48, num_attention_heads=40,
+        num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=16_000_000.0,
+        max_position_embeddings=131072, vocab_size=153376, tie_word_embeddings=False,
+        bias=True, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=1344,
+        shared_expert_intermediate_size=5376),
+    # Small shapes for tests and demos: same structure (GQA, biases, several MoGE groups).
+    "tiny-dense": dict(
+        family=DENSE, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        rope_theta=4_000_000.0, max_position_embeddings=512, vocab_size=257,
+        tie_word_embeddings=True, bias=True, eos_token_id=2),
+    "tiny-moge": dict(
+        family=MOGE, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=16_000_000.0,
+        max_position_embeddings=512, vocab_size=257, tie_word_embeddings=False, bias=True,
+        num_experts=12, num_experts_per_tok=3, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, eos_token_id=2),
+}
+
+PRESET_NAMES = tuple(_PRESETS)
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """The config of a named preset; keyword overrides (e.g. num_hidden_layers=2) apply on top."""
+    if name not in _PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    return ModelConfig(**{**_PRESETS[name], **overrides})
+
+
+def resolve_config(preset_or_config) -> ModelConfig:
+    """Accept a ModelConfig, a preset name, or a Hugging Face config dict."""
+    if isinstance(preset_or_config, ModelConfig):
+        return preset_or_config
+    if isinstance(preset_or_config, str):
+        return preset(preset_or_config)
+    if isinstance(preset_or_config, dict):
+        return ModelConfig.from_hf_dict(preset_or_config)
+    raise ConfigError(f"expected a preset name, config dict or ModelConfig, got "
+                      f"{type(preset_or_config).__name__}")
+
+
+__all__ = ["ModelConfig", "weight_shapes", "parameter_count", "preset", "PRESET_NAMES",
+           "resolve_config", "DENSE", "MOGE", "ROPE_ANGLE_MODES"]

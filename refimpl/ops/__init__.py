@@ -1,0 +1,18 @@
+"""The readable NumPy specification of every openPangu operator.
+
+Each operator takes arrays in a storage dtype (float64, float32, bfloat16, float16), computes
+in float64 (for float64 input) or float32 (otherwise) and returns the storage dtype, rounding
+at the cast points listed in `refimpl.numerics`.
+"""
+
+from .attention import attention, causal_mask
+from .basic import add, embedding, linear, silu, softmax
+from .mlp import swiglu
+from .moe import moe_block, moge_route
+from .norm import rms_norm
+from .rope import apply_rope, apply_rope_interleaved, rope_tables, rotate_half
+from .sampling import sample
+
+__all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
+           "moe_block", "moge_route", "rms_norm", "apply_rope", "apply_rope_interleaved",
+           "rope_tables", "rotate_half", "sample"]

@@ -1,0 +1,53 @@
+"""Taps: named intermediates captured during a forward pass (for goldens and notebooks).
+
+Names (i = layer index):
+    embed
+    layers.{i}.input            residual stream entering the layer       [T, H]
+    layers.{i}.input_norm       input_layernorm output                   [T, H]
+    layers.{i}.q / .k / .v      projections before RoPE                  [T, heads, D]
+    layers.{i}.q_rope / .k_rope after RoPE                               [T, heads, D]
+    layers.{i}.attn             attention output before o_proj           [T, Hq*D]
+    layers.{i}.attn_out         after o_proj                             [T, H]
+    layers.{i}.resid_mid        x + attn_out                             [T, H]
+    layers.{i}.post_norm        post_attention_layernorm output          [T, H]
+    layers.{i}.router_logits / .expert_ids / .expert_weights             (MoGE layers)
+    layers.{i}.experts.{e}.token_idx / .in / .out                        (selected experts)
+    layers.{i}.shared_expert_out                                         (MoGE layers)
+    layers.{i}.mlp_out          MLP or MoE block output                  [T, H]
+    layers.{i}.out              residual stream leaving the layer        [T, H]
+    final_norm                                                           [T, H]
+    logits                                                               [T, V]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Taps:
+    """Collects copies of named arrays; `layers` limits which layers are recorded."""
+
+    def __init__(self, layers=None):
+        self.layers = None if layers is None else set(int(i) for i in layers)
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def wants_layer(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def record(self, name: str, array) -> None:
+        self.arrays[name] = np.array(array, copy=True)
+
+    def layer_recorder(self, layer: int):
+        """A record(name, array) function prefixing `layers.{layer}.`, or None if unwanted."""
+        if not self.wants_layer(layer):
+            return None
+        return lambda name, array: self.record(f"layers.{layer}.{name}", array)
+
+    def __getitem__(self, name):
+        return self.arrays[name]
+
+    def __contains__(self, name):
+        return name in self.arrays
+
+    def __iter__(self):
+        return iter(self.arrays)
