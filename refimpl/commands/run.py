@@ -1,0 +1,187 @@
+"""`python -m refimpl run`: generate text (or token ids) from a checkpoint or preset."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from ..backend import BACKENDS
+from ..checkpoint import (DEFAULT_MODEL_DIR, TOKENIZER_NAME, is_checkpoint_dir, load_model,
+                          model_config, tokenizer_file, tokenizer_pieces)
+from ..config import PRESET_NAMES
+from ..errors import InputError
+from ..generate import generate
+from ..numerics import MODES
+
+DEFAULT_PROMPT = "The capital of France is"
+DEFAULT_CHAT_PROMPT = "Briefly, what is a language model?"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="generate text from a checkpoint or preset",
+        description="Prefill a prompt and generate, streaming the text as it comes (or the "
+                    "token ids when the model has no tokenizer.model). The last line, on "
+                    "stderr, gives prompt tokens, new tokens, prefill time and decode "
+                    "tokens/s.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL_DIR, metavar="DIR|PRESET",
+                   help="checkpoint directory, or a preset name for seeded random weights "
+                        f"({', '.join(PRESET_NAMES)})")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", metavar="TEXT",
+                     help=f"prompt text (needs a tokenizer; default {DEFAULT_PROMPT!r}, or "
+                          "[bos] when the model has no tokenizer)")
+    src.add_argument("--token-ids", metavar="IDS", help="prompt as token ids, e.g. 1,2,3")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user turn of the chat template and generate "
+                        "the assistant's reply")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 is greedy; > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 keeps all tokens")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--numerics", choices=MODES, default="fp32",
+                   help="storage dtype of weights and activations")
+    p.add_argument("--backend", choices=BACKENDS, default="numpy")
+    p.add_argument("--layers", type=int, metavar="N",
+                   help="use only the first N layers (a preset keeps its width)")
+    p.add_argument("--lazy", action="store_true",
+                   help="convert each weight to the numerics dtype when used, not up front")
+    p.add_argument("--init-seed", type=int, default=0,
+                   help="seed of the random weights when --model is a preset")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer.model (or a directory holding one) instead of the model's")
+    p.add_argument("--print-ids", action="store_true",
+                   help="print the generated token ids even when there is a tokenizer")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load weights that hold NaN or Inf")
+    p.set_defaults(func=main)
+
+
+def parse_token_ids(text: str) -> list:
+    """'1,2,3' -> [1, 2, 3] (InputError otherwise)."""
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part != ""]
+    except ValueError:
+        ids = None
+    if not ids:
+        raise InputError(f"--token-ids {text!r}: expected comma-separated integers, e.g. 1,2,3")
+    return ids
+
+
+def _check_options(args) -> None:
+    if args.max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise InputError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise InputError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.layers is not None and args.layers < 1:
+        raise InputError(f"--layers must be at least 1, got {args.layers}")
+    if args.chat and args.token_ids is not None:
+        raise InputError("--chat wraps a text prompt; it cannot be used with --token-ids")
+
+
+def open_model(args):
+    """(model, directory or None) for --model DIR|PRESET."""
+    if is_checkpoint_dir(args.model):
+        model = load_model(args.model, numerics=args.numerics, backend=args.backend,
+                           lazy=args.lazy, allow_nonfinite=args.allow_nonfinite,
+                           layers=args.layers)
+        return model, args.model
+    from ..random_init import init_model
+
+    config = model_config(args.model, args.layers)  # refuses an unknown name
+    model = init_model(config, seed=args.init_seed, numerics=args.numerics,
+                       backend=args.backend)
+    return model, None
+
+
+def open_tokenizer(args, model_dir, config):
+    """The Tokenizer to use, or None: --tokenizer, else the model directory's
+    tokenizer.model; for a preset, the default model's tokenizer when its ids fit."""
+    if args.tokenizer is not None:
+        folder = os.path.dirname(os.path.abspath(tokenizer_file(args.tokenizer)))
+    elif model_dir is not None:
+        if not os.path.isfile(os.path.join(model_dir, TOKENIZER_NAME)):
+            return None
+        folder = model_dir
+    else:
+        default = os.path.join(DEFAULT_MODEL_DIR, TOKENIZER_NAME)
+        if not os.path.isfile(default) or tokenizer_pieces(default) > config.vocab_size:
+            return None
+        folder = DEFAULT_MODEL_DIR
+    from ..tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(folder)
+
+
+def prompt_ids(args, tokenizer, config) -> tuple[list, str | None]:
+    """(prompt token ids, text to echo before the generated text)."""
+    if args.token_ids is not None:
+        return parse_token_ids(args.token_ids), None
+    if tokenizer is None:
+        if args.prompt is not None or args.chat:
+            where = "preset" if not is_checkpoint_dir(args.model) else "checkpoint"
+            raise InputError(f"--prompt/--chat need a tokenizer, and the {where} {args.model} "
+                             f"has no {TOKENIZER_NAME}; pass --token-ids 1,2,3 or --tokenizer "
+                             "PATH")
+        return [config.bos_token_id], None
+    if args.chat:
+        text = DEFAULT_CHAT_PROMPT if args.prompt is None else args.prompt
+        return list(tokenizer.encode_chat([{"role": "user", "content": text}])), None
+    text = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    return list(tokenizer.encode(text)), text
+
+
+def main(args) -> int:
+    _check_options(args)
+    model, model_dir = open_model(args)
+    config = model.config
+    tokenizer = open_tokenizer(args, model_dir, config)
+    ids, echo = prompt_ids(args, tokenizer, config)
+    model.check_token_ids(ids)
+    eos = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
+    as_text = tokenizer is not None and not args.print_ids
+    out = sys.stdout
+    stream = tokenizer.stream_decoder() if as_text else None
+    if echo:
+        out.write(echo)
+        out.flush()
+
+    new = []
+    start = time.perf_counter()
+    first = last = None
+    tokens = generate(model, ids, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      seed=args.seed, eos_id=eos)
+    for token in tokens:
+        last = time.perf_counter()
+        first = first or last
+        new.append(int(token))
+        if as_text:
+            if token != eos:
+                out.write(stream.feed(int(token)))
+        else:
+            out.write(("" if len(new) == 1 else " ") + str(int(token)))
+        out.flush()
+        if len(new) == args.max_new_tokens or token == eos:
+            break  # do not resume the generator: it would run one more forward
+    end = time.perf_counter()
+    if as_text:
+        out.write(stream.flush() if hasattr(stream, "flush") else "")
+    out.write("\n")
+    out.flush()
+
+    prefill = (first or end) - start
+    decode = f"{(len(new) - 1) / (last - first):.2f} tokens/s" if len(new) > 1 else "n/a"
+    stop = " (stopped at eos)" if new and new[-1] == eos else ""
+    print(f"[prompt tokens {len(ids)} | new tokens {len(new)}{stop} | prefill {prefill:.3f} s | "
+          f"decode {decode} | {args.numerics}, {args.backend}]", file=sys.stderr)
+    return 0

@@ -1,0 +1,156 @@
+"""The command line `python -m refimpl {run,init,info}`, run as subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import refimpl
+from refimpl.checkpoint import DEFAULT_MODEL_DIR, load_model
+from refimpl.config import parameter_count, preset
+
+
+def cli(*args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "REFIMPL_DEBUG"}
+    return subprocess.run([sys.executable, "-m", "refimpl", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "tiny"
+    result = cli("init", "--preset", "tiny-moge", "--out", d, "--seed", "7", "--dtype", "fp32",
+                 "--max-shard-bytes", "200000")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {d}: ") and "shards + index" in result.stdout
+    return d
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["init"], ["info"]])
+def test_help(command):
+    result = cli(*command, "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: ")
+    for name in ("run", "init", "info"):
+        if not command:
+            assert name in result.stdout
+
+
+def test_init_writes_the_seeded_model(tiny_dir):
+    model = load_model(tiny_dir)
+    ref = refimpl.init_model("tiny-moge", seed=7)
+    ids = np.array([1, 2, 3, 4])
+    np.testing.assert_array_equal(model.forward(ids), ref.forward(ids))
+
+
+def test_init_with_layers_and_bf16(tmp_path):
+    result = cli("init", "--preset", "tiny-dense", "--out", tmp_path / "b", "--layers", "2")
+    assert result.returncode == 0, result.stderr
+    assert "model.safetensors" in result.stdout and "bfloat16" in result.stdout
+    model = load_model(tmp_path / "b", numerics="bf16")
+    ref = refimpl.init_model("tiny-dense", seed=0, numerics="bf16", num_hidden_layers=2)
+    np.testing.assert_array_equal(model.forward([1, 9]), ref.forward([1, 9]))
+
+
+def test_run_prints_the_generated_ids_and_figures(tiny_dir):
+    result = cli("run", "--model", tiny_dir, "--token-ids", "1,2,3", "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    expected = list(refimpl.generate(refimpl.init_model("tiny-moge", seed=7), [1, 2, 3],
+                                     max_new_tokens=5))
+    assert result.stdout.split() == [str(t) for t in expected]
+    figures = result.stderr.strip().splitlines()[-1]
+    assert f"prompt tokens 3 | new tokens {len(expected)}" in figures
+    assert "prefill" in figures and "tokens/s" in figures
+
+
+def test_run_a_preset_with_sampling_is_seeded():
+    args = ("run", "--model", "tiny-dense", "--token-ids", "1, 5", "--max-new-tokens", "6",
+            "--temperature", "0.9", "--top-k", "50", "--top-p", "0.9", "--seed", "3",
+            "--numerics", "bf16")
+    first, second = cli(*args), cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    model = refimpl.init_model("tiny-dense", seed=0, numerics="bf16")
+    expected = list(refimpl.generate(model, [1, 5], max_new_tokens=6, temperature=0.9,
+                                     top_k=50, top_p=0.9, seed=3))
+    assert first.stdout.split() == [str(t) for t in expected]
+
+
+def test_run_without_a_tokenizer_starts_from_bos(tiny_dir):
+    result = cli("run", "--model", tiny_dir, "--max-new-tokens", "2", "--layers", "2",
+                 "--lazy", "--numerics", "fp16")
+    assert result.returncode == 0, result.stderr
+    assert "prompt tokens 1 | new tokens 2" in result.stderr
+
+
+def test_info_of_a_checkpoint_and_of_presets(tiny_dir):
+    result = cli("info", "--model", tiny_dir)
+    assert result.returncode == 0, result.stderr
+    config = preset("tiny-moge")
+    assert f"parameters: {parameter_count(config):,}" in result.stdout
+    assert f"active parameters per token: {parameter_count(config, active=True):,}" \
+        in result.stdout
+    assert "stored: " in result.stdout and "KV cache" in result.stdout
+    result = cli("info", "--model", "pro-moe-72b", "--json")
+    info = json.loads(result.stdout)
+    assert info["parameters"] == parameter_count(preset("pro-moe-72b"))
+    assert 16e9 < info["active_parameters_per_token"] < 17e9  # "72B-A16B"
+    assert info["memory"]["bf16"]["weights_bytes"] == 2 * info["parameters"]
+    # 2 (k, v) x 48 layers x 8 KV heads x 128 x 1000 tokens x 2 bytes
+    assert info["memory"]["bf16"]["kv_cache_bytes_per_1000_tokens"] == 2 * 48 * 8 * 128 * 2000
+    result = cli("info", "--model", "embedded-1b", "--layers", "2")
+    line = next(x for x in result.stdout.splitlines() if x.split()[0] == "num_hidden_layers")
+    assert line.split()[1] == "2"
+    assert "active parameters" not in result.stdout  # dense: all parameters are active
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["run", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["run", "--model", "tiny-dense", "--numerics", "fp8"], ["invalid choice: 'fp8'"]),
+    (["run", "--model", "tiny-dense", "--max-new-tokens", "many"], ["invalid int value"]),
+    (["run", "--model", "tiny-dense", "--token-ids", "1,x"], ["--token-ids"]),
+    (["run", "--model", "tiny-dense", "--token-ids", "1,300"], ["token id 300"]),
+    (["run", "--model", "tiny-dense", "--prompt", "hi"], ["no tokenizer.model", "--token-ids"]),
+    (["run", "--model", "tiny-dense", "--chat", "--token-ids", "1"], ["--chat"]),
+    (["run", "--model", "tiny-dense", "--top-p", "1.5"], ["--top-p"]),
+    (["run", "--model", "tiny-dense", "--prompt", "a", "--token-ids", "1"], ["not allowed"]),
+    (["run", "--model", "no-such-model"], ["neither a checkpoint directory nor a preset"]),
+    (["init", "--out", "x"], ["--preset"]),
+    (["init", "--preset", "tiny-dense", "--out", "{tmp}/a/b"], ["no such directory"]),
+    (["init", "--preset", "tiny-dense", "--out", "{tmp}", "--layers", "0"], ["--layers"]),
+    (["info", "--model", "{tmp}"], ["no config.json"]),
+    (["nosuchcommand"], ["invalid choice"]),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragments):
+    result = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert_one_line_error(result, *fragments)
+
+
+def test_a_corrupt_checkpoint_is_one_line_and_exit_2(tmp_path):
+    assert cli("init", "--preset", "tiny-dense", "--out", tmp_path / "c").returncode == 0
+    path = tmp_path / "c" / "model.safetensors"
+    os.truncate(path, path.stat().st_size // 2)
+    assert_one_line_error(cli("run", "--model", tmp_path / "c", "--token-ids", "1"),
+                          "truncated file")
+    assert_one_line_error(cli("init", "--preset", "tiny-dense", "--out", tmp_path / "c"),
+                          "already exists")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")),
+                    reason="the default model has not landed")
+def test_run_with_no_arguments_uses_the_default_model():
+    result = cli("run", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert "new tokens" in result.stderr.strip().splitlines()[-1]
