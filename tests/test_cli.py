@@ -154,3 +154,60 @@ def test_run_with_no_arguments_uses_the_default_model():
     result = cli("run", "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr
     assert "new tokens" in result.stderr.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------- with a tokenizer
+from .test_checkpoint import sp_model  # noqa: E402,F401  (a 30-piece SentencePiece model)
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory, sp_model):  # noqa: F811
+    """A tiny-dense model whose 32-id vocabulary covers its 30-piece tokenizer."""
+    from refimpl.checkpoint import save_checkpoint
+    from refimpl.random_init import random_weights
+
+    config = preset("tiny-dense").replace(vocab_size=32)
+    d = tmp_path_factory.mktemp("text") / "m"
+    save_checkpoint(d, config, random_weights(config, 11), "fp32", tokenizer=sp_model)
+    return d
+
+
+def expected_new(directory, ids, n, tok):
+    model = load_model(directory)
+    new = list(refimpl.generate(model, ids, max_new_tokens=n, eos_id=tok.eos_id))
+    return new[:-1] if new and new[-1] == tok.eos_id else new
+
+
+def test_run_streams_the_prompt_and_its_continuation(text_dir):
+    from refimpl.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(text_dir)
+    result = cli("run", "--model", text_dir, "--prompt", "alpha beta", "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    ids = tok.encode("alpha beta")
+    new = expected_new(text_dir, ids, 6, tok)
+    assert result.stdout == tok.decode(ids[1:] + new) + "\n"
+    assert f"prompt tokens {len(ids)} |" in result.stderr.splitlines()[-1]
+    ids_only = cli("run", "--model", text_dir, "--prompt", "alpha beta", "--max-new-tokens", "6",
+                   "--print-ids")
+    assert ids_only.stdout.split() == [str(t) for t in
+                                       list(refimpl.generate(load_model(text_dir), ids, 6,
+                                                             eos_id=tok.eos_id))]
+
+
+def test_run_chat_prints_only_the_reply(text_dir):
+    from refimpl.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(text_dir)
+    result = cli("run", "--model", text_dir, "--chat", "--prompt", "gamma", "--max-new-tokens",
+                 "5")
+    assert result.returncode == 0, result.stderr
+    ids = tok.encode_chat([{"role": "user", "content": "gamma"}])
+    assert result.stdout == tok.decode(expected_new(text_dir, ids, 5, tok)) + "\n"
+
+
+def test_run_a_preset_with_a_smaller_tokenizer(sp_model):  # noqa: F811
+    result = cli("run", "--model", "tiny-dense", "--tokenizer", sp_model, "--prompt", "delta",
+                 "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("delta")  # ids past the 30 pieces show as <id N>

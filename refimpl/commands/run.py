@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..generate import generate
 from ..numerics import MODES
 
-DEFAULT_PROMPT = "The capital of France is"
+DEFAULT_PROMPT = "The json module"
 DEFAULT_CHAT_PROMPT = "Briefly, what is a language model?"
 
 
@@ -122,22 +122,30 @@ def open_tokenizer(args, model_dir, config):
     return Tokenizer.from_dir(folder)
 
 
-def prompt_ids(args, tokenizer, config) -> tuple[list, str | None]:
-    """(prompt token ids, text to echo before the generated text)."""
+def prompt_ids(args, tokenizer, config) -> tuple[list, bool]:
+    """(prompt token ids, whether to echo the prompt before the generated text)."""
     if args.token_ids is not None:
-        return parse_token_ids(args.token_ids), None
+        return parse_token_ids(args.token_ids), False
     if tokenizer is None:
         if args.prompt is not None or args.chat:
             where = "preset" if not is_checkpoint_dir(args.model) else "checkpoint"
             raise InputError(f"--prompt/--chat need a tokenizer, and the {where} {args.model} "
                              f"has no {TOKENIZER_NAME}; pass --token-ids 1,2,3 or --tokenizer "
                              "PATH")
-        return [config.bos_token_id], None
+        return [config.bos_token_id], False
     if args.chat:
         text = DEFAULT_CHAT_PROMPT if args.prompt is None else args.prompt
-        return list(tokenizer.encode_chat([{"role": "user", "content": text}])), None
+        return list(tokenizer.encode_chat([{"role": "user", "content": text}])), False
     text = DEFAULT_PROMPT if args.prompt is None else args.prompt
-    return list(tokenizer.encode(text)), text
+    return list(tokenizer.encode(text)), True
+
+
+def _text(stream, tokenizer, token: int) -> str:
+    """The text one generated id adds; ids past the tokenizer's pieces (a model vocabulary
+    padded beyond the tokenizer) are shown as <id N>."""
+    if token >= tokenizer.vocab_size:
+        return stream.flush() + f"<id {token}>"
+    return stream.feed(token)
 
 
 def main(args) -> int:
@@ -151,8 +159,9 @@ def main(args) -> int:
     as_text = tokenizer is not None and not args.print_ids
     out = sys.stdout
     stream = tokenizer.stream_decoder() if as_text else None
-    if echo:
-        out.write(echo)
+    if echo and as_text:  # the prompt through the same decoder, so the continuation joins it
+        skip = 1 if ids and ids[0] == tokenizer.bos_id else 0
+        out.write("".join(stream.feed(token) for token in ids[skip:]))
         out.flush()
 
     new = []
@@ -167,7 +176,7 @@ def main(args) -> int:
         new.append(int(token))
         if as_text:
             if token != eos:
-                out.write(stream.feed(int(token)))
+                out.write(_text(stream, tokenizer, int(token)))
         else:
             out.write(("" if len(new) == 1 else " ") + str(int(token)))
         out.flush()
@@ -175,7 +184,7 @@ def main(args) -> int:
             break  # do not resume the generator: it would run one more forward
     end = time.perf_counter()
     if as_text:
-        out.write(stream.flush() if hasattr(stream, "flush") else "")
+        out.write(stream.flush())
     out.write("\n")
     out.flush()
 
