@@ -58,7 +58,8 @@ def read_header(path) -> tuple[dict, int, int]:
     entries maps tensor name -> (dtype, shape tuple, begin, end) with offsets counted from
     data_start, in file order. CheckpointError (one line naming the file) for a truncated
     file, a corrupt header, an unknown dtype, offsets that overlap, leave gaps, are out of
-    order or run past the end of the file, or a byte count that is not shape x itemsize.
+    order or run past the end of the file, bytes after the last tensor, or a byte count that
+    is not shape x itemsize.
     """
     path = os.fspath(path)
     try:
@@ -113,6 +114,9 @@ def read_header(path) -> tuple[dict, int, int]:
         last = ordered[-1][0]
         raise CheckpointError(f"{path}: truncated file (tensor {last} ends at byte "
                               f"{data_start + offset} but the file has {size} bytes)")
+    if data_start + offset < size:
+        raise CheckpointError(f"{path}: corrupt file ({size - data_start - offset} bytes after "
+                              "the last tensor's data; the tensors must end the file)")
     entries = {name: entry for name, entry in ordered}
     return entries, data_start, size
 

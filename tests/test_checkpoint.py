@@ -316,6 +316,13 @@ def test_refuses_corrupt_headers(tmp_path, header, data, fragments):
     refuses(lambda: read_safetensors(path), str(path), *fragments)
 
 
+def test_refuses_bytes_after_the_last_tensor(tmp_path):
+    path = tmp_path / "t.safetensors"
+    raw_safetensors(path, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                    b"\0" * 11)
+    refuses(lambda: read_safetensors(path), "corrupt file", "3 bytes after the last tensor")
+
+
 def test_refuses_an_absurd_header_length(tmp_path):
     path = tmp_path / "h.safetensors"
     raw_safetensors(path, b"{}", b"", length=2**62)
