@@ -321,12 +321,6 @@ def test_rope_float32_angles_are_bit_closer_to_transformers(theta):
     assert figures["float32_bit_equal"] > figures["exact_bit_equal"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "refimpl.ops.rope_tables(angles='float32') computes theta ** (2i/d) with NumPy's float32 "
-    "power, which is 1 ulp off torch's at ~14 of 64 frequencies for theta 4e6; the angle error "
-    "p * ulp(inv_freq) reaches 2e-3 rad at p ~ 27000. Fix: round a float64 power to float32, "
-    "inv_freq = float32(1) / float32(float64(theta) ** float64(exponent)); see "
-    "docs/crosschecks.md"))
 @pytest.mark.parametrize("theta", [4_000_000.0, 16_000_000.0])
 def test_rope_float32_angles_reproduce_transformers_up_to_32767(theta):
     """With angles="float32" the tables are transformers' to one float32 ulp at every

@@ -34,7 +34,10 @@ def rope_tables(positions, head_dim: int, theta: float, angles: str = "exact",
         ang = pos.astype(np.float64)[:, None] * inv_freq[None, :]  # [T, d/2]
     elif angles == "float32":
         exponent = half.astype(np.float32) / np.float32(head_dim)
-        inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+        # torch's float32 pow is correctly rounded here; NumPy's float32 power is not (1 ulp
+        # off at some frequencies), so take the float64 power rounded once to float32.
+        power = np.power(np.float64(theta), exponent.astype(np.float64)).astype(np.float32)
+        inv_freq = (np.float32(1.0) / power).astype(np.float32)
         ang = (pos.astype(np.float32)[:, None] * inv_freq[None, :]).astype(np.float32)
     else:
         raise ConfigError(f"unknown RoPE angle mode {angles!r}; choose 'exact' or 'float32'")
