@@ -1,0 +1,43 @@
+"""Numba fast paths for every hot operator of `refimpl.ops`, same names and signatures.
+
+    from refimpl import kernels as K
+    y = K.linear(x, w, b)            # x, w in float64/float32/bfloat16/float16
+
+Accelerated: linear, rms_norm, apply_rope, attention, add, swiglu, moge_route, moe_block.
+Re-exported from the spec unchanged: embedding (a gather), softmax, silu, rope_tables,
+rotate_half, apply_rope_interleaved, causal_mask, sample.
+
+Conventions (see each module's docstring for its kernel):
+
+* Inputs arrive in a storage dtype exactly as the spec gets them and outputs come back in
+  it. bfloat16 and float16 enter Numba as raw 16-bit views (`_dtypes`), are widened exactly
+  to float32 in registers and rounded back to nearest even; float64 stays float64.
+* The cast points of `refimpl.numerics` are followed wherever they are observable; the only
+  deliberate difference is the flash attention prefill (`attention`), which keeps the
+  softmax probabilities in float32.
+* No fast-math. Dot products use explicit vector code (`_vec`) with a fixed summation order
+  and IEEE fused multiply-add, so a result does not depend on the thread count, on the tile
+  it was computed in, or on the compiler's choices. Threads split only independent outputs.
+* `cache=True` everywhere: the first call of each kernel per dtype compiles (seconds; see
+  `python -m refimpl bench`), later processes load the cache from kernels/__pycache__.
+  Numba's cache does not notice edits to helper modules (`_vec`, `_dtypes`): delete
+  kernels/__pycache__ after changing them.
+* Unusual dtype mixes or shapes (where a kernel could not reproduce the spec exactly) fall
+  back to the spec operator.
+"""
+
+from refimpl.ops import (apply_rope_interleaved, causal_mask, embedding, rope_tables,
+                         rotate_half, sample, silu, softmax)
+
+from ._dtypes import round_to_bf16, round_to_f16
+from .attention import attention
+from .basic import add
+from .linear import linear
+from .mlp import swiglu
+from .moe import moe_block, moge_route
+from .norm import rms_norm
+from .rope import apply_rope
+
+__all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
+           "moe_block", "moge_route", "rms_norm", "apply_rope", "apply_rope_interleaved",
+           "rope_tables", "rotate_half", "sample", "round_to_bf16", "round_to_f16"]

@@ -1,0 +1,36 @@
+"""Residual add."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+from refimpl import ops as spec
+
+from ._dtypes import check_dtype, empty, ld, parallel, raw, same_accum, st
+
+
+@numba.njit(parallel=True, cache=True)
+def _add(x, y, par, out):
+    if par:
+        for i in prange(x.size):
+            st(out, i, ld(x, i) + ld(y, i))
+    else:
+        for i in range(x.size):
+            st(out, i, ld(x, i) + ld(y, i))
+
+
+def add(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Residual add: round(x + y) in x's dtype, as `refimpl.ops.add` (bit-exact).
+
+    # [T, H], [T, H] -> [T, H]
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    check_dtype(x, "add")
+    if x.shape != y.shape or not same_accum(x, y):
+        return spec.add(x, y)
+    out, out_raw = empty(x.shape, x.dtype)
+    if x.size:
+        _add(raw(x).reshape(-1), raw(y).reshape(-1), parallel(x.size), out_raw.reshape(-1))
+    return out

@@ -1,0 +1,149 @@
+"""MoGE routing and the MoE block: only selected experts run, each once over its tokens."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+from refimpl import ops as spec
+from refimpl.errors import InputError
+from refimpl.numerics import to_accum
+
+from ._dtypes import acc_np, acc_zero, check_dtype, empty, ld, like, parallel, raw, rnd, st
+from .linear import linear
+from .mlp import swiglu
+
+
+@numba.njit(cache=True)
+def _route_token(logits, scale, G, t, ids, weights):
+    """Token t: softmax over all E experts, argmax in each of G contiguous groups (first
+    maximum wins), weight = p[e] * scale[e].
+
+    # logits [T, E] (storage), scale [E] (accumulation) -> ids [T, G] int64, weights [T, G]
+    """
+    E = logits.shape[1]
+    size = E // G
+    p = np.empty(E, scale.dtype)
+    for e in range(E):
+        p[e] = ld(logits, (t, e))
+    m = p.max()
+    tot = like(0.0, m)
+    for e in range(E):
+        p[e] = np.exp(p[e] - m)
+        tot += p[e]
+    for e in range(E):
+        p[e] = p[e] / tot
+    for g in range(G):
+        best = g * size
+        for e in range(g * size + 1, (g + 1) * size):
+            if p[e] > p[best]:
+                best = e
+        ids[t, g] = best
+        weights[t, g] = p[best] * scale[best]
+
+
+@numba.njit(parallel=True, cache=True)
+def _route(logits, scale, G, par, ids, weights):
+    if par:
+        for t in prange(logits.shape[0]):
+            _route_token(logits, scale, G, t, ids, weights)
+    else:
+        for t in range(logits.shape[0]):
+            _route_token(logits, scale, G, t, ids, weights)
+
+
+def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: int):
+    """MoGE router in one pass per token (softmax, per-group argmax, router_scale).
+
+    # router_logits [T, E], router_scale [1, E] or [E] -> expert_ids [T, G] int64, weights [T, G]
+    Semantics of `refimpl.ops.moge_route`: global softmax in the accumulation dtype, ties go
+    to the lowest id, weights not renormalised, returned in the accumulation dtype.
+    """
+    logits = np.asarray(router_logits)
+    check_dtype(logits, "moge_route")
+    T, E = logits.shape
+    if num_groups <= 0 or E % num_groups:
+        raise InputError(f"moge_route: {E} experts do not divide into {num_groups} groups")
+    acc = acc_np(logits.dtype)
+    scale = np.ascontiguousarray(to_accum(np.asarray(router_scale)).reshape(E).astype(acc))
+    ids = np.empty((T, num_groups), np.int64)
+    weights = np.empty((T, num_groups), acc)
+    if T:
+        _route(raw(logits), scale, num_groups, parallel(logits.size * 8), ids, weights)
+    return ids, weights
+
+
+@numba.njit(cache=True)
+def _combine_token(expert_out, rows, w, shared, t, out):
+    """y[t] = round(y + round(w[t, g] * expert_out[rows[t, g]])) over g = 0..G-1 (ascending
+    expert id, as groups are ascending id ranges), then round(y + shared[t]).
+
+    # expert_out [T*G, H], rows [T, G], w [T, G] (storage), shared [T, H] -> out [T, H]
+    """
+    G = rows.shape[1]
+    for c in range(out.shape[1]):
+        y = acc_zero(out)
+        for g in range(G):
+            y = rnd(y + rnd(ld(w, (t, g)) * ld(expert_out, (rows[t, g], c)), out), out)
+        st(out, (t, c), y + ld(shared, (t, c)))
+
+
+@numba.njit(parallel=True, cache=True)
+def _combine(expert_out, rows, w, shared, par, out):
+    if par:
+        for t in prange(out.shape[0]):
+            _combine_token(expert_out, rows, w, shared, t, out)
+    else:
+        for t in range(out.shape[0]):
+            _combine_token(expert_out, rows, w, shared, t, out)
+
+
+def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, experts,
+              shared_expert, num_groups: int, record=None) -> np.ndarray:
+    """y = sum_g round(w_g) * Expert_{e_g}(x) + SharedExpert(x), as `refimpl.ops.moe_block`.
+
+    # x [T, H], gate_weight [E, H], router_scale [1, E] -> [T, H]
+    Tokens are sorted by expert (stable, so by token within an expert); each selected expert
+    runs once over its gathered tokens (one grouped SwiGLU of n_e rows), unselected experts
+    are never read from `experts`. The weighted outputs are added per token in ascending
+    expert id with the spec's roundings, then the shared expert. `record` receives the same
+    names as the spec.
+    """
+    x = np.asarray(x)
+    check_dtype(x, "moe_block")
+    dt = x.dtype
+    T, H = x.shape
+    router_logits = linear(x, gate_weight)                          # [T, E]
+    expert_ids, weights = moge_route(router_logits, router_scale, num_groups)
+    G = expert_ids.shape[1]
+    weights_s = weights.astype(dt)                                  # [T, G] storage
+    if record:
+        record("router_logits", router_logits)
+        record("expert_ids", expert_ids)
+        record("expert_weights", weights)
+    flat = expert_ids.reshape(-1)                                   # [T*G], slot = t*G + g
+    order = np.argsort(flat, kind="stable")                         # grouped by expert id
+    bounds = np.searchsorted(flat[order], np.arange(gate_weight.shape[0] + 1))
+    rows = np.empty(T * G, np.int64)                                # slot -> row of expert_out
+    rows[order] = np.arange(T * G)
+    expert_out = np.empty((T * G, H), dt)
+    for e in np.flatnonzero(np.diff(bounds)):                       # selected experts, ascending
+        sel = order[bounds[e]:bounds[e + 1]]
+        tok = sel // G
+        w_gate, w_up, w_down = experts[int(e)]
+        xe = x[tok]
+        out = swiglu(xe, w_gate, w_up, w_down)                      # [n_e, H]
+        expert_out[bounds[e]:bounds[e + 1]] = out
+        if record:
+            record(f"experts.{int(e)}.token_idx", tok.astype(np.int64))
+            record(f"experts.{int(e)}.in", xe)
+            record(f"experts.{int(e)}.out", out)
+    shared = swiglu(x, *shared_expert)                              # [T, H]
+    if record:
+        record("shared_expert_out", shared)
+    y, y_raw = empty((T, H), dt)
+    if T:
+        _combine(raw(expert_out), rows.reshape(T, G), raw(weights_s), raw(shared),
+                 parallel(expert_out.size), y_raw)
+    return y

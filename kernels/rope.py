@@ -1,0 +1,60 @@
+"""Rotate-half RoPE applied to q or k in one pass, into a fresh output."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+from refimpl import ops as spec
+from refimpl.numerics import round_to
+
+from ._dtypes import acc_np, check_dtype, empty, ld, parallel, raw, rnd, st
+
+
+@numba.njit(cache=True)
+def _rope_row(x, c, s, t, out):
+    """out[t] = round(round(x[t] * c[t]) + round(rotate_half(x[t]) * s[t])).
+
+    # x [T, heads, D], c/s [T, D] (already rounded to x's dtype) -> out [T, heads, D]
+    """
+    NH, D = x.shape[1], x.shape[2]
+    d2 = D // 2
+    for h in range(NH):
+        for i in range(d2):      # rotate_half: -x[i + d/2] on the first half
+            y = rnd(ld(x, (t, h, i)) * c[t, i], x) + rnd(-ld(x, (t, h, i + d2)) * s[t, i], x)
+            st(out, (t, h, i), y)
+        for i in range(d2, D):   # ... and x[i - d/2] on the second
+            y = rnd(ld(x, (t, h, i)) * c[t, i], x) + rnd(ld(x, (t, h, i - d2)) * s[t, i], x)
+            st(out, (t, h, i), y)
+
+
+@numba.njit(parallel=True, cache=True)
+def _rope(x, c, s, par, out):
+    if par:
+        for t in prange(x.shape[0]):
+            _rope_row(x, c, s, t, out)
+    else:
+        for t in range(x.shape[0]):
+            _rope_row(x, c, s, t, out)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE with the spec's cast points (exactly `refimpl.ops.apply_rope`).
+
+    # x [T, heads, D], cos/sin [T, D] -> [T, heads, D]
+    cos and sin are rounded to x's dtype first (by the spec's own `round_to`).
+    """
+    x = np.asarray(x)
+    check_dtype(x, "apply_rope")
+    cos, sin = np.asarray(cos), np.asarray(sin)
+    if x.ndim != 3 or x.shape[-1] % 2 or cos.shape != (x.shape[0], x.shape[2]) \
+            or sin.shape != cos.shape:
+        return spec.apply_rope(x, cos, sin)
+    acc = acc_np(x.dtype)
+    c = np.ascontiguousarray(round_to(cos, x.dtype), dtype=acc)
+    s = np.ascontiguousarray(round_to(sin, x.dtype), dtype=acc)
+    out, out_raw = empty(x.shape, x.dtype)
+    if x.size:
+        _rope(raw(x), c, s, parallel(x.size), out_raw)
+    return out

@@ -1,0 +1,723 @@
+"""Benchmarks: the NumPy spec vs the Numba kernels vs PyTorch CPU eager, in one run.
+
+`python -m refimpl bench [--quick] [--only ops|e2e|moe|compile] [--repeat N]` prints:
+
+* compile: first-call compile time of every kernel per dtype (empty Numba cache, in a fresh
+  process) and the time to load them from the cache;
+* ops: each operator at the real shapes (Embedded-1B: hidden 1536, 12/6 heads of 128, MLP
+  6144, T = 1, 128, 512; Pro-MoE layer: hidden 5120, 40/8 heads, 64 experts of 1344, shared
+  5376), median milliseconds of spec, kernels and torch, and the ratios;
+* e2e: the Embedded-1B model with seeded random weights: prefill of 128 and 512 tokens,
+  decode ms/token after a 128-token prefill, RSS after loading and peak RSS while running,
+  each configuration in its own process (numpy/numba via `refimpl.init_model`, torch via
+  transformers' LlamaForCausalLM with the same config and the same weights);
+* moe: the Pro-MoE MoGE block for 512 tokens against computing all 64 experts, and against
+  the cost of its active experts alone.
+
+Prefill times are for a forward over T tokens into an empty KV cache that returns the last
+token's logits (refimpl: last_only=True; transformers: logits_to_keep=1), the work a
+generation step does. Every figure is a median over --repeat runs after one warm-up run.
+Workers are started as `python -m refimpl.bench worker ...` and print one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from .numerics import bfloat16, storage_dtype
+
+E2E_PRESET = "embedded-1b"
+MOE_SHAPE = dict(hidden=5120, experts=64, groups=8, inter=1344, shared=5376)
+
+
+# ============================================================================ helpers
+def median_time(fn, repeat: int, warmup: int = 1) -> float:
+    """Median seconds of `repeat` calls of fn() after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeat)):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def torch_or_none():
+    try:
+        import torch
+        return torch
+    except ImportError:
+        return None
+
+
+def rss_bytes() -> int:
+    """Current resident set size."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def machine_info() -> dict:
+    import numba
+
+    info = {"python": platform.python_version(), "numpy": np.__version__,
+            "numba": numba.__version__, "numba_threads": numba.get_num_threads(),
+            "threading_layer": _threading_layer(), "cpus": os.cpu_count()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "L3 cache"):
+                info[key.strip()] = value.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        info["mem_total_gib"] = round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                                      / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    torch = torch_or_none()
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        try:
+            import transformers
+            info["transformers"] = transformers.__version__
+        except ImportError:
+            pass
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"):
+        info[var] = os.environ.get(var, "(unset)")
+    info["loadavg_1min"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def _threading_layer() -> str:
+    import numba
+
+    from refimpl import kernels
+
+    kernels.add(np.zeros(4, np.float32), np.zeros(4, np.float32))  # starts the thread pool
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return "?"
+
+
+def _rand(rng, shape, dtype, scale=1.0):
+    """Normal values in `dtype`, generated in float32 in chunks (fast, little memory)."""
+    out = np.empty(shape, dtype)
+    flat = out.reshape(-1)
+    step = 1 << 22
+    for i in range(0, flat.size, step):
+        chunk = rng.standard_normal(min(step, flat.size - i), dtype=np.float32)
+        chunk *= np.float32(scale)
+        flat[i:i + step] = chunk.astype(dtype)
+    return out
+
+
+# ============================================================================ compile time
+def warmup_kernels(numerics: str) -> None:
+    """Call every kernel once on tiny inputs of `numerics` (compiles or loads each)."""
+    from refimpl import init_model
+    from refimpl import kernels as K
+    from refimpl import ops
+
+    dt = storage_dtype(numerics)
+    rng = np.random.default_rng(0)
+    x = _rand(rng, (5, 16), dt)
+    w = _rand(rng, (8, 16), dt)
+    K.linear(x, w, w[:, 0].copy())
+    K.rms_norm(x, w[0].copy(), 1e-5)
+    K.add(x, x)
+    q, k = _rand(rng, (5, 4, 8), dt), _rand(rng, (5, 2, 8), dt)
+    cos, sin = ops.rope_tables(np.arange(5), 8, 1e4, dtype=np.float64 if numerics == "fp64"
+                               else np.float32)
+    K.apply_rope(q, cos, sin)
+    K.attention(q, k, k)
+    K.attention(q[:1], k, k)
+    K.swiglu(x, w, w, w.T.copy())
+    K.moge_route(_rand(rng, (5, 8), dt), np.ones(8, dt), 2)
+    model = init_model("tiny-moge", numerics=numerics, backend="numba")
+    model.forward(np.arange(1, 6), model.new_cache(8))
+
+
+def worker_compile(args) -> dict:
+    t_import = time.perf_counter()
+    import refimpl.kernels  # noqa: F401  (imports numba and registers the kernels)
+    result = {"import_s": time.perf_counter() - t_import, "per_dtype_s": {}}
+    for numerics in args.numerics.split(","):
+        t = time.perf_counter()
+        warmup_kernels(numerics)
+        result["per_dtype_s"][numerics] = time.perf_counter() - t
+    return result
+
+
+# ============================================================================ operators
+def _torch_ops(torch):
+    import torch.nn.functional as F
+
+    def rms_norm(x, w, eps):
+        x32 = x.float()
+        n = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return w * n.to(x.dtype)
+
+    def rope(x, cos, sin):  # x [T, heads, D], cos/sin [T, D] in x's dtype
+        d2 = x.shape[-1] // 2
+        rot = torch.cat((-x[..., d2:], x[..., :d2]), dim=-1)
+        return x * cos[:, None, :] + rot * sin[:, None, :]
+
+    def attention(q, k, v, causal):  # [T, H, D] layouts, as HF's sdpa path
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                           v.transpose(0, 1)[None], is_causal=causal,
+                                           enable_gqa=True)
+        return o[0].transpose(0, 1)
+
+    def swiglu(x, wg, wu, wd):
+        return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+    def route(logits, scale, groups):
+        p = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        T, E = p.shape
+        ids = p.view(T, groups, E // groups).argmax(-1) + \
+            torch.arange(groups) * (E // groups)
+        return ids, p.gather(1, ids) * scale.reshape(E).float()[ids]
+
+    def moe(x, gate_w, scale, experts, shared, groups):
+        ids, w = route(F.linear(x, gate_w), scale, groups)
+        y = torch.zeros_like(x)
+        for e in ids.unique().tolist():
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            out = swiglu(x[tok], *experts[e])
+            y.index_add_(0, tok, out * w[tok, slot, None].to(x.dtype))
+        return y + swiglu(x, *shared)
+
+    return dict(rms_norm=rms_norm, linear=F.linear, rope=rope, attention=attention,
+                swiglu=swiglu, route=route, moe=moe, add=torch.add)
+
+
+def _to_torch(torch, a):
+    a = np.ascontiguousarray(a)
+    if a.dtype == bfloat16:
+        return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def op_cases(quick: bool, numerics: str):
+    """(name, shape text, numpy fn, numba fn, torch fn-or-None) at the real shapes."""
+    from refimpl import kernels as K
+    from refimpl import ops
+
+    torch = torch_or_none()
+    tops = _torch_ops(torch) if torch is not None else None
+    tt = (lambda a: _to_torch(torch, a)) if torch is not None else None
+    dt = storage_dtype(numerics)
+    acc = np.float64 if numerics == "fp64" else np.float32
+    rng = np.random.default_rng(0)
+    cases = []
+
+    def add_case(name, shape, np_fn, nb_fn, th_fn):
+        cases.append((name, shape, np_fn, nb_fn, th_fn))
+
+    def layer_cases(tag, H, Hq, Hkv, I, tokens, lm_head_vocab=None):
+        D = 128
+        w_norm = (1 + _rand(rng, H, np.float32, 0.1)).astype(dt)
+        wq, bq = _rand(rng, (Hq * D, H), dt, H ** -0.5), _rand(rng, Hq * D, dt, 0.1)
+        wg, wu = _rand(rng, (I, H), dt, H ** -0.5), _rand(rng, (I, H), dt, H ** -0.5)
+        wd = _rand(rng, (H, I), dt, I ** -0.5)
+        tw = {k: tt(v) for k, v in dict(w_norm=w_norm, wq=wq, bq=bq, wg=wg, wu=wu,
+                                          wd=wd).items()} if tops else None
+        for T in tokens:
+            x = _rand(rng, (T, H), dt)
+            y = _rand(rng, (T, H), dt)
+            tx, ty = (tt(x), tt(y)) if tops else (None, None)
+            add_case("rms_norm", f"{tag} T={T} [{T},{H}]",
+                     lambda x=x: ops.rms_norm(x, w_norm, 1e-5),
+                     lambda x=x: K.rms_norm(x, w_norm, 1e-5),
+                     tops and (lambda tx=tx: tops["rms_norm"](tx, tw["w_norm"], 1e-5)))
+            add_case("linear q_proj", f"{tag} T={T} [{T},{H}]x[{Hq * D},{H}]+b",
+                     lambda x=x: ops.linear(x, wq, bq), lambda x=x: K.linear(x, wq, bq),
+                     tops and (lambda tx=tx: tops["linear"](tx, tw["wq"], tw["bq"])))
+            q = _rand(rng, (T, Hq, D), dt)
+            cos, sin = ops.rope_tables(np.arange(T), D, 4e6, dtype=acc)
+            tq = tt(q) if tops else None
+            tc, ts = (tt(cos.astype(dt)), tt(sin.astype(dt))) if tops else (None, None)
+            add_case("apply_rope q", f"{tag} T={T} [{T},{Hq},{D}]",
+                     lambda q=q, c=cos, s=sin: ops.apply_rope(q, c, s),
+                     lambda q=q, c=cos, s=sin: K.apply_rope(q, c, s),
+                     tops and (lambda tq=tq, tc=tc, ts=ts: tops["rope"](tq, tc, ts)))
+            S = 512 if T == 1 else T
+            k, v = _rand(rng, (S, Hkv, D), dt), _rand(rng, (S, Hkv, D), dt)
+            tk, tv = (tt(k), tt(v)) if tops else (None, None)
+            what = f"decode vs {S} cached" if T == 1 else "prefill causal"
+            add_case("attention", f"{tag} T={T} {what} {Hq}/{Hkv} heads",
+                     lambda q=q, k=k, v=v: ops.attention(q, k, v),
+                     lambda q=q, k=k, v=v: K.attention(q, k, v),
+                     tops and (lambda tq=tq, tk=tk, tv=tv, c=T > 1:
+                               tops["attention"](tq, tk, tv, c)))
+            add_case("swiglu", f"{tag} T={T} [{T},{H}] I={I}",
+                     lambda x=x: ops.swiglu(x, wg, wu, wd), lambda x=x: K.swiglu(x, wg, wu, wd),
+                     tops and (lambda tx=tx: tops["swiglu"](tx, tw["wg"], tw["wu"], tw["wd"])))
+            add_case("add (residual)", f"{tag} T={T} [{T},{H}]", lambda x=x, y=y: ops.add(x, y),
+                     lambda x=x, y=y: K.add(x, y), tops and (lambda tx=tx, ty=ty: tops["add"](tx, ty)))
+        if lm_head_vocab:
+            w_lm = _rand(rng, (lm_head_vocab, H), dt, H ** -0.5)
+            tlm = tt(w_lm) if tops else None
+            x = _rand(rng, (1, H), dt)
+            tx = tt(x) if tops else None
+            add_case("linear lm_head", f"{tag} T=1 [1,{H}]x[{lm_head_vocab},{H}]",
+                     lambda: ops.linear(x, w_lm), lambda: K.linear(x, w_lm),
+                     tops and (lambda: tops["linear"](tx, tlm)))
+
+    tokens = (1, 128) if quick else (1, 128, 512)
+    layer_cases("1B", 1536, 12, 6, 6144, tokens, lm_head_vocab=None if quick else 153376)
+    # Pro-MoE layer: attention and shared expert shapes, router
+    layer_cases("ProMoE", 5120, 40, 8, 5376, (1, 128) if quick else (1, 512))
+    E, G, H = MOE_SHAPE["experts"], MOE_SHAPE["groups"], MOE_SHAPE["hidden"]
+    gate_w = _rand(rng, (E, H), dt, H ** -0.5)
+    scale = rng.uniform(0.5, 1.5, (1, E)).astype(dt)
+    for T in ((1, 128) if quick else (1, 512)):
+        x = _rand(rng, (T, H), dt)
+        logits = K.linear(x, gate_w)
+        tl, ts = (tt(logits), tt(scale)) if tops else (None, None)
+        add_case("moge_route", f"ProMoE T={T} [{T},{E}] {G} groups",
+                 lambda lg=logits: ops.moge_route(lg, scale, G),
+                 lambda lg=logits: K.moge_route(lg, scale, G),
+                 tops and (lambda tl=tl: tops["route"](tl, ts, G)))
+    return cases
+
+
+def worker_ops(args) -> dict:
+    torch = torch_or_none()
+    rows = []
+    ctx = torch.inference_mode() if torch is not None else _Null()
+    with ctx:
+        for name, shape, np_fn, nb_fn, th_fn in op_cases(args.quick, args.numerics):
+            row = {"op": name, "shape": shape}
+            row["numba_ms"] = 1e3 * median_time(nb_fn, args.repeat)
+            row["numpy_ms"] = 1e3 * median_time(np_fn, args.repeat)
+            row["torch_ms"] = 1e3 * median_time(th_fn, args.repeat) if th_fn else None
+            rows.append(row)
+            print(json.dumps({"progress": row}), flush=True)
+    return {"rows": rows}
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ============================================================================ end to end
+def _e2e_config(quick: bool):
+    from refimpl.config import preset
+
+    return preset(E2E_PRESET, num_hidden_layers=4) if quick else preset(E2E_PRESET)
+
+
+def _hf_model(torch, config, weights, numerics):
+    """transformers' LlamaForCausalLM with the same config and weights (assigned, no copy)."""
+    import transformers
+
+    c = config
+    tdtype = torch.float32 if numerics == "fp32" else torch.bfloat16
+    hf = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings, attention_bias=c.bias,
+        mlp_bias=False, tie_word_embeddings=c.tie_word_embeddings, hidden_act="silu",
+        torch_dtype=tdtype, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(hf)
+    state = {name: _to_torch(torch, arr) for name, arr in weights.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not fit LlamaForCausalLM: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    model.tie_weights()
+    rotary = type(model.model.rotary_emb)(config=hf)  # its buffers were built on meta
+    model.model.rotary_emb = rotary
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise RuntimeError(f"{name} left on the meta device")
+    return model.eval()
+
+
+def worker_e2e(args) -> dict:
+    from refimpl import random_weights
+    from refimpl.model import Model
+
+    config = _e2e_config(args.quick)
+    numerics = args.numerics
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, config.vocab_size, 512 + 64)
+    prefill_lengths = (128,) if args.quick else (128, 512)
+    decode_tokens = 4 if args.quick else 16
+    t0 = time.perf_counter()
+    weights = random_weights(config, seed=0, dtype=storage_dtype(numerics))
+    result = {"backend": args.backend, "numerics": numerics,
+              "layers": config.num_hidden_layers}
+    if args.backend == "torch":
+        import torch
+
+        torch.set_grad_enabled(False)
+        model = _hf_model(torch, config, weights, numerics)
+        result["attn_implementation"] = model.config._attn_implementation
+        from transformers import DynamicCache
+
+        def prefill(n):
+            cache = DynamicCache()
+            out = model(torch.from_numpy(ids[None, :n]), past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            return out.logits[0, -1].float().numpy(), cache
+
+        def step(cache, i):
+            return model(torch.from_numpy(ids[None, i:i + 1]), past_key_values=cache,
+                         use_cache=True, logits_to_keep=1).logits
+    else:
+        model = Model(config, weights, numerics=numerics, backend=args.backend, check=False)
+
+        def prefill(n):
+            cache = model.new_cache(n + decode_tokens + 8)
+            logits = model.forward(ids[:n], cache, last_only=True)
+            return logits[0].astype(np.float32), cache
+
+        def step(cache, i):
+            return model.forward(ids[i:i + 1], cache, last_only=True)
+
+        prefill(8)  # compile or load the kernels, not timed
+        step(prefill(8)[1], 8)
+    result["load_s"] = time.perf_counter() - t0
+    result["rss_loaded_gib"] = rss_bytes() / 2**30
+    peak_reset = reset_peak_rss()
+    for n in prefill_lengths:
+        times = []
+        for r in range(args.repeat):
+            t = time.perf_counter()
+            logits, _ = prefill(n)
+            times.append(time.perf_counter() - t)
+            if n == 128 and r == 0 and args.save_logits:
+                np.save(args.save_logits, logits)
+        result[f"prefill{n}_s"] = float(np.median(times))
+        result[f"prefill{n}_all_s"] = times
+    step_times = []
+    for r in range(args.repeat):
+        _, cache = prefill(128)
+        for i in range(128, 128 + decode_tokens):
+            t = time.perf_counter()
+            step(cache, i)
+            step_times.append(time.perf_counter() - t)
+    result["decode_ms"] = 1e3 * float(np.median(step_times))
+    result["decode_tok_s"] = 1e3 / result["decode_ms"]
+    result["peak_rss_gib"] = peak_rss_bytes() / 2**30
+    result["peak_is_since_load"] = peak_reset
+    return result
+
+
+# ============================================================================ MoE layer
+def worker_moe(args) -> dict:
+    from refimpl import kernels as K
+    from refimpl import ops
+
+    H, E, G, I, IS = (MOE_SHAPE[k] for k in ("hidden", "experts", "groups", "inter", "shared"))
+    T = 128 if args.quick else 512
+    dt = storage_dtype(args.numerics)
+    rng = np.random.default_rng(0)
+    x = _rand(rng, (T, H), dt)
+    gate_w = _rand(rng, (E, H), dt, H ** -0.5)
+    scale = rng.uniform(0.5, 1.5, (1, E)).astype(dt)
+    experts = [(_rand(rng, (I, H), dt, H ** -0.5), _rand(rng, (I, H), dt, H ** -0.5),
+                _rand(rng, (H, I), dt, I ** -0.5)) for _ in range(E)]
+    shared = (_rand(rng, (IS, H), dt, H ** -0.5), _rand(rng, (IS, H), dt, H ** -0.5),
+              _rand(rng, (H, IS), dt, IS ** -0.5))
+    rep = args.repeat
+    res = {"tokens": T, "numerics": args.numerics}
+    res["numba_moe_ms"] = 1e3 * median_time(
+        lambda: K.moe_block(x, gate_w, scale, experts, shared, G), rep)
+    ids, _ = K.moge_route(K.linear(x, gate_w), scale, G)
+    counts = np.bincount(ids.reshape(-1), minlength=E)
+    res["experts_selected"] = int(np.count_nonzero(counts))
+    res["tokens_per_expert_min_max"] = [int(counts[counts > 0].min()), int(counts.max())]
+
+    def active_only():  # the selected experts over their tokens, the shared expert, the router
+        K.moge_route(K.linear(x, gate_w), scale, G)
+        for e in np.flatnonzero(counts):
+            K.swiglu(x[np.nonzero(ids == e)[0]], *experts[e])
+        K.swiglu(x, *shared)
+
+    def all_experts():  # every expert over every token, plus the shared expert
+        for e in range(E):
+            K.swiglu(x, *experts[e])
+        K.swiglu(x, *shared)
+
+    res["numba_active_ms"] = 1e3 * median_time(active_only, rep)
+    res["numba_all_experts_ms"] = 1e3 * median_time(all_experts, max(1, rep // 2) if rep > 1
+                                                    else 1, warmup=0)
+    res["numpy_moe_ms"] = 1e3 * median_time(
+        lambda: ops.moe_block(x, gate_w, scale, experts, shared, G), max(1, rep // 2), warmup=0)
+    torch = torch_or_none()
+    if torch is not None:
+        tops = _torch_ops(torch)
+        tt = lambda a: _to_torch(torch, a)  # noqa: E731
+        tx, tg, ts = tt(x), tt(gate_w), tt(scale)
+        tex = [tuple(tt(w) for w in ex) for ex in experts]
+        tsh = tuple(tt(w) for w in shared)
+        with torch.inference_mode():
+            res["torch_moe_ms"] = 1e3 * median_time(lambda: tops["moe"](tx, tg, ts, tex, tsh, G),
+                                                    rep)
+    return res
+
+
+# ============================================================================ driver
+def run_worker(kind: str, extra: list[str], env=None, timeout=3600) -> dict:
+    """Run `python -m refimpl.bench worker KIND ...` and return its JSON result."""
+    cmd = [sys.executable, "-m", "refimpl.bench", "worker", kind, *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    result = None
+    for line in proc.stdout:
+        if line.startswith("RESULT "):
+            result = json.loads(line[7:])
+        elif line.startswith("{") and '"progress"' in line:
+            row = json.loads(line)["progress"]
+            print(_fmt_op_row(row), flush=True)
+    stderr = proc.stderr.read()
+    proc.wait(timeout=timeout)
+    if proc.returncode != 0 or result is None:
+        tail = stderr.strip().splitlines()[-3:]
+        return {"error": f"worker {kind} failed (exit {proc.returncode}): {' | '.join(tail)}"}
+    return result
+
+
+def _ratio(a, b):
+    return f"{a / b:6.2f}x" if a and b else "     -"
+
+
+def _fmt_op_row(r) -> str:
+    torch_ms = r.get("torch_ms")
+    return (f"  {r['op']:<16} {r['shape']:<44} {r['numpy_ms']:>10.3f} {r['numba_ms']:>10.3f} "
+            f"{(f'{torch_ms:10.3f}' if torch_ms else '         -')} "
+            f"{_ratio(r['numpy_ms'], r['numba_ms']):>9} {_ratio(torch_ms, r['numba_ms']):>9}")
+
+
+def _section(title):
+    load = os.getloadavg()
+    print(f"\n== {title}   (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})", flush=True)
+
+
+def bench_compile(args, out: dict) -> None:
+    _section("compile: first call of every kernel (fresh process, empty Numba cache)")
+    numerics = "bf16" if args.quick else "fp64,fp32,bf16,fp16"
+    with tempfile.TemporaryDirectory(prefix="refimpl-numba-cache-") as cache_dir:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+        cold = run_worker("compile", ["--numerics", numerics], env=env)
+        warm = run_worker("compile", ["--numerics", numerics], env=env)
+    out["compile"] = {"cold": cold, "cached": warm}
+    if "error" in cold or "error" in warm:
+        print("  " + cold.get("error", "") + warm.get("error", ""))
+        return
+    print(f"  import refimpl.kernels: {cold['import_s']:.2f} s")
+    for mode in cold["per_dtype_s"]:
+        print(f"  {mode}: compile {cold['per_dtype_s'][mode]:6.1f} s   load from cache "
+              f"{warm['per_dtype_s'][mode]:6.2f} s")
+
+
+def bench_ops(args, out: dict) -> None:
+    _section(f"ops: median ms over {args.repeat} runs, storage {args.numerics} "
+             "(spec/numba and torch/numba: > 1 means numba is faster)")
+    print(f"  {'op':<16} {'shape':<44} {'numpy ms':>10} {'numba ms':>10} {'torch ms':>10} "
+          f"{'spec/nb':>9} {'torch/nb':>9}", flush=True)
+    res = run_worker("ops", _common(args))
+    out["ops"] = res
+    if "error" in res:
+        print("  " + res["error"])
+
+
+def bench_e2e(args, out: dict) -> None:
+    layers = 4 if args.quick else 26
+    _section(f"e2e: {E2E_PRESET} ({layers} layers), random weights; prefill = forward into an "
+             "empty cache returning the last token's logits; decode after a 128-token prefill")
+    configs = [("numba", "bf16"), ("numba", "fp32"), ("numpy", "fp32")]
+    if torch_or_none() is not None:
+        configs += [("torch", "fp32"), ("torch", "bf16")]
+    print(f"  {'backend':<6} {'dtype':<5} {'prefill128':>10} {'prefill512':>10} {'decode':>10} "
+          f"{'tok/s':>8} {'RSS load':>9} {'RSS peak':>9}")
+    print(f"  {'':<6} {'':<5} {'s':>10} {'s':>10} {'ms/token':>10} {'':>8} {'GiB':>9} {'GiB':>9}",
+          flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="refimpl-bench-") as tmp:
+        for backend, numerics in configs:
+            logits_path = os.path.join(tmp, f"{backend}-{numerics}.npy")
+            res = run_worker("e2e", _common(args, numerics) + ["--backend", backend,
+                                                                "--save-logits", logits_path])
+            res.setdefault("backend", backend)
+            res.setdefault("numerics", numerics)
+            if os.path.exists(logits_path):
+                res["logits"] = logits_path
+                res["_logits"] = np.load(logits_path)
+            rows.append(res)
+            print(_fmt_e2e_row(res), flush=True)
+        _e2e_agreement(rows)
+    for r in rows:
+        r.pop("_logits", None)
+    out["e2e"] = rows
+    by = {(r["backend"], r["numerics"]): r for r in rows if "error" not in r}
+    nb, tf = by.get(("numba", "bf16")), by.get(("torch", "fp32"))
+    if nb and tf:
+        print(f"  decode: numba bf16 {nb['decode_ms']:.1f} ms/token vs torch fp32 "
+              f"{tf['decode_ms']:.1f} ms/token = {tf['decode_ms'] / nb['decode_ms']:.2f}x "
+              "(target >= 1.7x)")
+        for n in (128, 512):
+            for numerics in ("bf16", "fp32"):
+                ours = by.get(("numba", numerics))
+                if ours and f"prefill{n}_s" in ours and f"prefill{n}_s" in tf:
+                    print(f"  prefill {n}: numba {numerics} {ours[f'prefill{n}_s']:.2f} s vs "
+                          f"torch fp32 {tf[f'prefill{n}_s']:.2f} s = "
+                          f"{tf[f'prefill{n}_s'] / ours[f'prefill{n}_s']:.2f}x (target >= 1x)")
+
+
+def _fmt_e2e_row(r) -> str:
+    if "error" in r:
+        return f"  {r['backend']:<6} {r['numerics']:<5} {r['error']}"
+    p512 = f"{r['prefill512_s']:>10.2f}" if "prefill512_s" in r else "         -"
+    return (f"  {r['backend']:<6} {r['numerics']:<5} {r['prefill128_s']:>10.2f} {p512} "
+            f"{r['decode_ms']:>10.1f} {r['decode_tok_s']:>8.2f} {r['rss_loaded_gib']:>9.2f} "
+            f"{r['peak_rss_gib']:>9.2f}")
+
+
+def _e2e_agreement(rows) -> None:
+    ref = {(r["backend"], r["numerics"]): r.get("_logits") for r in rows}
+    pairs = [(("numba", "fp32"), ("torch", "fp32")), (("numba", "fp32"), ("numpy", "fp32")),
+             (("numba", "bf16"), ("torch", "bf16")), (("numba", "bf16"), ("numba", "fp32"))]
+    for a, b in pairs:
+        la, lb = ref.get(a), ref.get(b)
+        if la is not None and lb is not None:
+            d = float(np.max(np.abs(la - lb)) / np.max(np.abs(lb)))
+            print(f"  last-token logits after prefill 128, {'/'.join(a)} vs {'/'.join(b)}: "
+                  f"normwise difference {d:.2e}, same argmax: {int(la.argmax()) == int(lb.argmax())}")
+
+
+def bench_moe(args, out: dict) -> None:
+    T = 128 if args.quick else 512
+    _section(f"moe: Pro-MoE MoGE block, {T} tokens, hidden 5120, 64 experts x 1344 in 8 groups, "
+             f"shared 5376, storage {args.numerics}")
+    res = run_worker("moe", _common(args))
+    out["moe"] = res
+    if "error" in res:
+        print("  " + res["error"])
+        return
+    print(f"  experts selected: {res['experts_selected']} of 64, tokens per selected expert "
+          f"{res['tokens_per_expert_min_max'][0]}..{res['tokens_per_expert_min_max'][1]}")
+    print(f"  numba moe_block:                 {res['numba_moe_ms']:10.1f} ms")
+    print(f"  numba active experts alone:      {res['numba_active_ms']:10.1f} ms   "
+          f"(moe_block / active = {res['numba_moe_ms'] / res['numba_active_ms']:.2f})")
+    print(f"  numba all 64 experts + shared:   {res['numba_all_experts_ms']:10.1f} ms   "
+          f"(all / moe_block = {res['numba_all_experts_ms'] / res['numba_moe_ms']:.2f}x)")
+    print(f"  numpy spec moe_block:            {res['numpy_moe_ms']:10.1f} ms   "
+          f"(spec / numba = {res['numpy_moe_ms'] / res['numba_moe_ms']:.2f}x)")
+    if "torch_moe_ms" in res:
+        print(f"  torch eager (HF-style loop):     {res['torch_moe_ms']:10.1f} ms   "
+              f"(torch / numba = {res['torch_moe_ms'] / res['numba_moe_ms']:.2f}x)")
+
+
+def _common(args, numerics=None) -> list[str]:
+    extra = ["--repeat", str(args.repeat), "--numerics", numerics or args.numerics]
+    return extra + (["--quick"] if args.quick else [])
+
+
+def run(args) -> dict:
+    """The whole benchmark (as `python -m refimpl bench`); returns the results."""
+    out = {"machine": machine_info(), "args": vars(args).copy()}
+    out["args"].pop("func", None)
+    m = out["machine"]
+    print("refimpl bench" + (" --quick" if args.quick else ""))
+    print(f"  machine: {m.get('Model name', platform.processor())}, {m.get('cpus')} CPUs, "
+          f"{m.get('mem_total_gib', '?')} GiB")
+    print(f"  numpy {m['numpy']}, numba {m['numba']} ({m['numba_threads']} threads, "
+          f"{m['threading_layer']} layer), torch {m.get('torch', 'not installed')} "
+          f"({m.get('torch_threads', '-')} threads), transformers "
+          f"{m.get('transformers', '-')}")
+    print("  env: " + ", ".join(f"{k}={m[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS",
+                                                         "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")))
+    if m["loadavg_1min"] > 0.5:
+        print(f"  warning: load average {m['loadavg_1min']} > 0.5 - other jobs share the CPUs, "
+              "timings are inflated")
+    sections = {"compile": bench_compile, "ops": bench_ops, "e2e": bench_e2e, "moe": bench_moe}
+    for name in ([args.only] if args.only else ["compile", "ops", "e2e", "moe"]):
+        sections[name](args, out)
+    if args.json:
+        tmp = f"{args.json}.tmp{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump(out, fh, indent=1, default=float)
+        os.replace(tmp, args.json)
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="fewer shapes, 4 of 26 layers end to end, 128-token MoE")
+    p.add_argument("--only", choices=["compile", "ops", "e2e", "moe"], help="one section")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="timed runs per measurement, median reported (default 3, quick 1)")
+    p.add_argument("--numerics", choices=["fp32", "bf16", "fp16", "fp64"], default="bf16",
+                   help="storage dtype of the ops and moe sections (default bf16)")
+    p.add_argument("--json", help="also write every figure to this JSON file")
+
+
+def _worker_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m refimpl.bench worker")
+    p.add_argument("kind", choices=["compile", "ops", "e2e", "moe"])
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--numerics", default="bf16")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--backend", default="numba")
+    p.add_argument("--save-logits")
+    args = p.parse_args(argv)
+    fn = {"compile": worker_compile, "ops": worker_ops, "e2e": worker_e2e,
+          "moe": worker_moe}[args.kind]
+    result = fn(args)
+    print("RESULT " + json.dumps(result, default=float), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        raise SystemExit(_worker_main(sys.argv[2:]))
+    raise SystemExit("use: python -m refimpl bench --help")

@@ -1,0 +1,434 @@
+"""The Numba kernels (`refimpl.kernels`) against the NumPy spec (`refimpl.ops`).
+
+Every accelerated operator is run on seeded random inputs of several shapes (odd sizes,
+T = 1, a long T = 300) in each numerics mode and compared with the spec on the same inputs.
+The error measure is normwise: err = max|kernel - spec| / max|spec|. Tolerances per mode:
+
+=============================  ========  ========  ========  ========
+operator class                 fp64      fp32      bf16      fp16
+=============================  ========  ========  ========  ========
+add, apply_rope (elementwise)  exact     exact     exact     exact
+linear, rms_norm, swiglu,      1e-13     2e-6      1e-2      2e-3
+moe_block, attention (decode)
+attention (flash prefill)      1e-13     2e-6      2e-2      4e-3
+moge_route weights             1e-13     1e-6      1e-6      1e-6
+=============================  ========  ========  ========  ========
+
+Why these numbers: the kernels sum dot products in a different order from BLAS (16 lanes
+and a fixed tree), so in fp32/fp64 results differ by a few ulps of the accumulation dtype;
+in bf16/fp16 that difference occasionally flips one rounding of the output, i.e. 1 ulp of
+the storage dtype (2^-8 = 3.9e-3 relative for bf16, 2^-11 = 4.9e-4 for fp16) at the largest
+element, with headroom for a second flip inside chained roundings (swiglu, moe). The flash
+prefill keeps probabilities in float32 instead of rounding them (see kernels/attention.py),
+which may move an output by about two storage ulps. moge_route returns float32 weights: only
+the softmax summation order differs. Elementwise kernels have no reduction and must match
+bit for bit. Expert ids must match exactly.
+
+A whole tiny model with backend="numba" must give the numpy backend's logits within
+`MODEL_TOL` (normwise, per mode), and prefill + cached decode must agree with one forward.
+The thread-count test runs the kernels in subprocesses with NUMBA_NUM_THREADS=1 and =2 (and
+REFIMPL_PARALLEL_MIN_WORK=0, so that even small inputs take the parallel paths) and compares
+output hashes: they must be bit-identical.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import ml_dtypes
+import numba
+import numpy as np
+import pytest
+
+import refimpl
+from refimpl import kernels as K
+from refimpl import ops
+from refimpl.errors import InputError
+from refimpl.kernels import _dtypes
+from refimpl.numerics import bfloat16
+
+MODES = {"fp64": np.dtype(np.float64), "fp32": np.dtype(np.float32), "bf16": bfloat16,
+         "fp16": np.dtype(np.float16)}
+TOL = {  # operator class -> mode -> normwise tolerance (the table above)
+    "reduce": {"fp64": 1e-13, "fp32": 2e-6, "bf16": 1e-2, "fp16": 2e-3},
+    "flash": {"fp64": 1e-13, "fp32": 2e-6, "bf16": 2e-2, "fp16": 4e-3},
+    "route": {"fp64": 1e-13, "fp32": 1e-6, "bf16": 1e-6, "fp16": 1e-6},
+}
+MODEL_TOL = {"fp64": 1e-12, "fp32": 1e-5, "bf16": 5e-2, "fp16": 1e-2}
+
+
+def err(got, ref) -> float:
+    got = np.asarray(got).astype(np.float64)
+    ref = np.asarray(ref).astype(np.float64)
+    assert got.shape == ref.shape
+    return float(np.max(np.abs(got - ref), initial=0.0) / max(np.max(np.abs(ref), initial=0.0),
+                                                               1e-300))
+
+
+def check(got, ref, cls, mode):
+    assert got.dtype == ref.dtype
+    e = err(got, ref)
+    assert e <= TOL[cls][mode], f"{cls} {mode}: normwise error {e:.3g} > {TOL[cls][mode]:.3g}"
+
+
+def bits(a) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint8)
+
+
+def randn(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+# ---------------------------------------------------------------------------- rounding helpers
+def _all_float32_edges() -> np.ndarray:
+    """Every bfloat16 value's float32 bits with low halves that hit exact ties, just-above and
+    just-below ties and arbitrary patterns: every sign, exponent (subnormals, inf, NaN)."""
+    hi = np.arange(65536, dtype=np.uint32) << 16
+    lows = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x1234, 0xC000], dtype=np.uint32)
+    return (hi[:, None] | lows[None, :]).reshape(-1).view(np.float32)
+
+
+def test_bf16_rounding_helper_equals_ml_dtypes_exactly():
+    f = _all_float32_edges()
+    with np.errstate(all="ignore"):
+        want = f.astype(ml_dtypes.bfloat16)
+    got = K.round_to_bf16(f)
+    assert got.dtype == bfloat16
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("value_bits, expected", [
+    (0x3F808000, 0x3F80),  # 1 + 2^-8: a tie, rounds down to the even 1.0
+    (0x3F818000, 0x3F82),  # a tie with an odd last bit rounds up
+    (0x3F808001, 0x3F81),  # just above the tie rounds up
+    (0x00008000, 0x0000),  # smallest subnormal tie -> +0
+    (0x00018000, 0x0002),  # subnormal tie to even (up)
+    (0x7F7FFFFF, 0x7F80),  # float32 max rounds to inf
+    (0xFF800000, 0xFF80),  # -inf stays
+    (0x7F800001, 0x7FC0),  # signalling NaN -> quiet NaN
+    (0xFFC00001, 0xFFC0),  # negative NaN keeps its sign
+])
+def test_bf16_rounding_named_cases(value_bits, expected):
+    f = np.array([value_bits], np.uint32).view(np.float32)
+    assert int(K.round_to_bf16(f).view(np.uint16)[0]) == expected
+    with np.errstate(all="ignore"):
+        assert int(f.astype(ml_dtypes.bfloat16).view(np.uint16)[0]) == expected
+
+
+def test_f16_rounding_helper_equals_numpy():
+    rng = np.random.default_rng(7)
+    f = np.concatenate([_all_float32_edges(),
+                        rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+                        .view(np.float32)])
+    with np.errstate(all="ignore"):
+        want = f.astype(np.float16)
+    got = K.round_to_f16(f)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+    # a payload that would vanish in 10 bits still gives a NaN, never inf
+    assert np.isnan(K.round_to_f16(np.array([0x7F800001], np.uint32).view(np.float32))[0])
+
+
+@numba.njit(cache=True)
+def _widen_all(bits16, out_bf16, out_f16):
+    for i in range(bits16.size):
+        out_bf16[i] = _dtypes.bf16_bits_to_f32(bits16[i])
+        out_f16[i] = _dtypes.f16_bits_to_f32(bits16[i])
+
+
+def test_widening_is_exact_for_every_16_bit_pattern():
+    b = np.arange(65536, dtype=np.uint16)
+    got_bf, got_f16 = np.empty(65536, np.float32), np.empty(65536, np.float32)
+    _widen_all(b, got_bf, got_f16)
+    np.testing.assert_array_equal(got_bf.view(np.uint32),
+                                  b.view(bfloat16).astype(np.float32).view(np.uint32))
+    np.testing.assert_array_equal(got_f16.view(np.uint32),
+                                  b.view(np.float16).astype(np.float32).view(np.uint32))
+
+
+# ---------------------------------------------------------------------------- operators vs spec
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("M, Kd, N", [(1, 37, 5), (3, 64, 19), (300, 33, 17), (9, 200, 130)])
+def test_linear_matches_spec(mode, M, Kd, N):
+    rng = np.random.default_rng(M * 1000 + N)
+    dt = MODES[mode]
+    x = randn(rng, (M, Kd), dt)
+    w = randn(rng, (N, Kd), dt, Kd ** -0.5)
+    b = randn(rng, N, dt, 0.1)
+    check(K.linear(x, w, b), ops.linear(x, w, b), "reduce", mode)
+    check(K.linear(x, w), ops.linear(x, w), "reduce", mode)
+
+
+def test_linear_row_is_the_same_in_any_tile():
+    """An output is the same dot product whether computed in a 4x4 prefill tile or alone."""
+    rng = np.random.default_rng(3)
+    for dt in MODES.values():
+        x = randn(rng, (11, 77), dt)
+        w = randn(rng, (10, 77), dt, 0.1)
+        full = K.linear(x, w)
+        for t in (0, 5, 10):
+            assert np.array_equal(bits(K.linear(x[t:t + 1], w)), bits(full[t:t + 1]))
+
+
+def test_linear_keeps_leading_dims_and_falls_back_for_dtype_mixes():
+    rng = np.random.default_rng(4)
+    x = randn(rng, (2, 3, 16), np.float32)
+    w = randn(rng, (5, 16), np.float32)
+    assert K.linear(x, w).shape == (2, 3, 5)
+    check(K.linear(x, w), ops.linear(x, w), "reduce", "fp32")
+    w64 = w.astype(np.float64)   # float32 x with float64 W: the spec rounds W; kernel defers
+    np.testing.assert_array_equal(K.linear(x, w64), ops.linear(x, w64))
+    wbf = w.astype(bfloat16)     # mixed half/float32 operands are exact in float32: kernel
+    check(K.linear(x, wbf), ops.linear(x, wbf), "reduce", "fp32")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(1, 7), (5, 64), (300, 33), (2, 1536)])
+def test_rms_norm_matches_spec(mode, shape):
+    rng = np.random.default_rng(shape[0])
+    dt = MODES[mode]
+    x = randn(rng, shape, dt, 3.0)
+    w = (1 + randn(rng, shape[-1], np.float32, 0.1)).astype(dt)
+    check(K.rms_norm(x, w, 1e-5), ops.rms_norm(x, w, 1e-5), "reduce", mode)
+
+
+def test_rms_norm_rounds_before_the_weight():
+    """The spec's cast point: n = round(x * inv_rms), then round(w * n). Small-integer inputs
+    make the sum of squares exact in any order, so kernel and spec agree bit for bit, and
+    rounding only once (the other possible convention) gives different values."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(-8, 9, (64, 128)).astype(bfloat16)
+    w = np.full(128, 1 + 2.0 ** -7, bfloat16)
+    got = K.rms_norm(x, w, 1e-5)
+    np.testing.assert_array_equal(bits(got), bits(ops.rms_norm(x, w, 1e-5)))
+    xa = x.astype(np.float32)
+    inv = 1 / np.sqrt(np.mean(xa * xa, axis=-1, keepdims=True) + np.float32(1e-5))
+    once = (w.astype(np.float32) * xa * inv).astype(bfloat16)
+    assert np.count_nonzero(got != once) > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T, heads, D", [(1, 12, 128), (7, 3, 10), (300, 2, 8)])
+def test_apply_rope_is_bit_exact(mode, T, heads, D):
+    rng = np.random.default_rng(T)
+    dt = MODES[mode]
+    x = randn(rng, (T, heads, D), dt)
+    for angle_dtype in (np.float64, np.float32):
+        cos, sin = ops.rope_tables(np.arange(40, 40 + T), D, 4e6, dtype=angle_dtype)
+        assert np.array_equal(bits(K.apply_rope(x, cos, sin)), bits(ops.apply_rope(x, cos, sin)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_add_is_bit_exact(mode):
+    rng = np.random.default_rng(6)
+    dt = MODES[mode]
+    for shape in [(1, 7), (300, 33)]:
+        x, y = randn(rng, shape, dt), randn(rng, shape, dt)
+        assert np.array_equal(bits(K.add(x, y)), bits(ops.add(x, y)))
+
+
+ATTN_SHAPES = [  # T, S, Hq, Hkv, D
+    (1, 1, 4, 2, 8), (1, 37, 12, 6, 16), (1, 300, 4, 1, 32),
+    (5, 5, 4, 4, 18), (70, 70, 6, 2, 32), (33, 100, 2, 1, 64), (300, 300, 2, 1, 16),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T, S, Hq, Hkv, D", ATTN_SHAPES)
+def test_attention_matches_spec(mode, T, S, Hq, Hkv, D):
+    rng = np.random.default_rng(T * 7 + S)
+    dt = MODES[mode]
+    q, k, v = randn(rng, (T, Hq, D), dt), randn(rng, (S, Hkv, D), dt), randn(rng, (S, Hkv, D), dt)
+    ref = ops.attention(q, k, v)
+    check(K.attention(q, k, v, flash=False), ref, "reduce", mode)   # exact cast points
+    check(K.attention(q, k, v, flash=True), ref, "flash", mode)     # online softmax
+    check(K.attention(q, k, v), ref, "flash" if T > 1 else "reduce", mode)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_attention_without_mask_and_with_scale(mode):
+    rng = np.random.default_rng(8)
+    dt = MODES[mode]
+    q, k, v = randn(rng, (9, 4, 16), dt), randn(rng, (13, 2, 16), dt), randn(rng, (13, 2, 16), dt)
+    for flash in (False, True):
+        check(K.attention(q, k, v, causal=False, scale=0.3, flash=flash),
+              ops.attention(q, k, v, causal=False, scale=0.3), "flash", mode)
+
+
+def test_attention_rejects_what_the_spec_rejects():
+    q = np.zeros((3, 6, 8), np.float32)
+    with pytest.raises(InputError, match="do not divide"):
+        K.attention(q, np.zeros((3, 4, 8), np.float32), np.zeros((3, 4, 8), np.float32))
+    with pytest.raises(InputError, match="causal rows"):
+        K.attention(q, np.zeros((2, 3, 8), np.float32), np.zeros((2, 3, 8), np.float32))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T, H, I", [(1, 64, 160), (7, 33, 50), (300, 24, 20)])
+def test_swiglu_matches_spec(mode, T, H, I):
+    rng = np.random.default_rng(T + H)
+    dt = MODES[mode]
+    x = randn(rng, (T, H), dt)
+    wg, wu = randn(rng, (I, H), dt, H ** -0.5), randn(rng, (I, H), dt, H ** -0.5)
+    wd = randn(rng, (H, I), dt, I ** -0.5)
+    check(K.swiglu(x, wg, wu, wd), ops.swiglu(x, wg, wu, wd), "reduce", mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T", [1, 7, 300])
+def test_moge_route_matches_spec(mode, T):
+    rng = np.random.default_rng(T)
+    dt = MODES[mode]
+    logits = randn(rng, (T, 64), dt, 2.0)
+    scale = rng.uniform(0.5, 1.5, (1, 64)).astype(dt)
+    ids, w = K.moge_route(logits, scale, 8)
+    ids_ref, w_ref = ops.moge_route(logits, scale, 8)
+    np.testing.assert_array_equal(ids, ids_ref)
+    assert ids.dtype == np.int64 and w.dtype == w_ref.dtype
+    check(w, w_ref, "route", mode)
+
+
+def test_moge_route_ties_go_to_the_lowest_id():
+    logits = np.zeros((2, 16), np.float32)
+    logits[1, [5, 6]] = 3.0             # tie inside group 1 (experts 4..7)
+    ids, w = K.moge_route(logits, np.ones(16, np.float32), 4)
+    np.testing.assert_array_equal(ids[0], [0, 4, 8, 12])
+    np.testing.assert_array_equal(ids[1], [0, 5, 8, 12])
+    np.testing.assert_array_equal(ids, ops.moge_route(logits, np.ones(16, np.float32), 4)[0])
+
+
+class _Experts:
+    """experts[e] for a list of weights, remembering which experts were read."""
+
+    def __init__(self, weights):
+        self.weights, self.read = weights, set()
+
+    def __getitem__(self, e):
+        self.read.add(int(e))
+        return self.weights[int(e)]
+
+    def __len__(self):
+        return len(self.weights)
+
+
+def _moe_inputs(rng, dt, T, H=24, E=16, G=4, I=20):
+    x = randn(rng, (T, H), dt)
+    gate = randn(rng, (E, H), dt)
+    scale = rng.uniform(0.5, 1.5, (1, E)).astype(dt)
+    experts = [tuple(randn(rng, s, dt, 0.25) for s in [(I, H), (I, H), (H, I)])
+               for _ in range(E)]
+    shared = tuple(randn(rng, s, dt, 0.25) for s in [(2 * I, H), (2 * I, H), (H, 2 * I)])
+    return x, gate, scale, experts, shared, G
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T", [1, 5, 300])
+def test_moe_block_matches_spec_and_records_the_same(mode, T):
+    rng = np.random.default_rng(T + 11)
+    x, gate, scale, experts, shared, G = _moe_inputs(rng, MODES[mode], T)
+    got_rec, ref_rec = {}, {}
+    ex = _Experts(experts)
+    got = K.moe_block(x, gate, scale, ex, shared, G, record=got_rec.__setitem__)
+    ref = ops.moe_block(x, gate, scale, experts, shared, G, record=ref_rec.__setitem__)
+    check(got, ref, "reduce", mode)
+    assert sorted(got_rec) == sorted(ref_rec)
+    np.testing.assert_array_equal(got_rec["expert_ids"], ref_rec["expert_ids"])
+    assert ex.read == set(np.unique(ref_rec["expert_ids"]).tolist())  # only selected experts
+    for name, arr in ref_rec.items():
+        if name.endswith("token_idx") or name.endswith(".in"):
+            np.testing.assert_array_equal(got_rec[name], arr)
+
+
+# ---------------------------------------------------------------------------- whole model
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moge"])
+@pytest.mark.parametrize("mode", MODES)
+def test_tiny_model_numba_equals_numpy(preset, mode):
+    ids = np.array([1, 17, 99, 3, 250, 42, 7, 7, 0, 128, 64])
+    ref = refimpl.init_model(preset, seed=2, numerics=mode, backend="numpy").forward(ids)
+    got = refimpl.init_model(preset, seed=2, numerics=mode, backend="numba").forward(ids)
+    assert got.dtype == ref.dtype
+    e = err(got, ref)
+    assert e <= MODEL_TOL[mode], f"{preset} {mode}: {e:.3g}"
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moge"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_numba_prefill_then_cached_decode(preset, mode):
+    model = refimpl.init_model(preset, seed=3, numerics=mode, backend="numba")
+    ids = np.array([1, 5, 9, 200, 31, 77, 4, 12, 150, 2])
+    full = model.forward(ids)
+    cache = model.new_cache(4)            # small, so the cache grows while decoding
+    steps = [model.forward(ids[:6], cache, last_only=True)]
+    for t in range(6, len(ids)):
+        steps.append(model.forward(ids[t:t + 1], cache))
+    assert cache.length == len(ids)
+    got = np.concatenate(steps)
+    e = err(got, full[5:])
+    assert e <= MODEL_TOL[mode], f"{preset} {mode}: {e:.3g}"
+    assert np.array_equal(np.argmax(got, -1), np.argmax(full[5:], -1)) or mode == "bf16"
+
+
+# ---------------------------------------------------------------------------- threads
+_THREAD_SCRIPT = textwrap.dedent("""
+    import hashlib, sys
+    import numpy as np
+    import refimpl
+    from refimpl import kernels as K
+    from refimpl.numerics import bfloat16
+    h = hashlib.sha256()
+    for dt in (np.float32, bfloat16, np.float16, np.float64):
+        rng = np.random.default_rng(0)
+        r = lambda *s: rng.standard_normal(s).astype(dt)
+        x, w, b = r(37, 40), r(45, 40), r(45)
+        q, k, v = r(37, 6, 16), r(37, 2, 16), r(37, 2, 16)
+        cos, sin = refimpl.ops.rope_tables(np.arange(37), 16, 1e4)
+        outs = [K.linear(x, w, b), K.linear(x[:1], w), K.rms_norm(x, w[0], 1e-5),
+                K.apply_rope(q, cos, sin), K.attention(q, k, v), K.attention(q[:1], k, v),
+                K.add(x, x), K.swiglu(x, w, w, r(40, 45)), K.moge_route(r(37, 16), r(16), 4)[1]]
+        experts = [(r(8, 40), r(8, 40), r(40, 8)) for _ in range(16)]
+        outs.append(K.moe_block(x, r(16, 40), np.abs(r(1, 16)), experts,
+                                (r(8, 40), r(8, 40), r(40, 8)), 4))
+        for o in outs:
+            h.update(np.ascontiguousarray(o).tobytes())
+    m = refimpl.init_model("tiny-moge", seed=1, numerics="bf16", backend="numba")
+    h.update(m.forward(np.arange(1, 40)).tobytes())
+    import numba
+    print(numba.get_num_threads(), h.hexdigest())
+""")
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    digests = {}
+    for n in (1, 2):
+        # every kernel takes its parallel path, however small the inputs
+        env = dict(os.environ, NUMBA_NUM_THREADS=str(n), REFIMPL_PARALLEL_MIN_WORK="0")
+        res = subprocess.run([sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        threads, digest = res.stdout.split()[-2:]
+        assert int(threads) == n
+        digests[n] = digest
+    assert digests[1] == digests[2]
+
+
+# ---------------------------------------------------------------------------- real shapes
+@pytest.mark.slow
+def test_real_shapes_embedded_1b_layer():
+    """The operators at the Embedded-1B shapes (hidden 1536, 12/6 heads of 128, MLP 6144) in
+    bf16, T = 1 and T = 300 against the spec."""
+    rng = np.random.default_rng(10)
+    dt = bfloat16
+    H, I, D = 1536, 6144, 128
+    wq = randn(rng, (12 * D, H), dt, H ** -0.5)
+    wg, wu = randn(rng, (I, H), dt, H ** -0.5), randn(rng, (I, H), dt, H ** -0.5)
+    wd = randn(rng, (H, I), dt, I ** -0.5)
+    for T in (1, 300):
+        x = randn(rng, (T, H), dt)
+        check(K.linear(x, wq), ops.linear(x, wq), "reduce", "bf16")
+        check(K.swiglu(x, wg, wu, wd), ops.swiglu(x, wg, wu, wd), "reduce", "bf16")
+        q, k, v = randn(rng, (T, 12, D), dt), randn(rng, (300, 6, D), dt), randn(rng, (300, 6, D), dt)
+        check(K.attention(q, k, v), ops.attention(q, k, v), "flash" if T > 1 else "reduce", "bf16")
