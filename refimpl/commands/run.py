@@ -51,6 +51,14 @@ def add_parser(subparsers) -> None:
                    help="use only the first N layers (a preset keeps its width)")
     p.add_argument("--lazy", action="store_true",
                    help="convert each weight to the numerics dtype when used, not up front")
+    p.add_argument("--stream", action="store_true",
+                   help="for a checkpoint larger than memory: memory-mapped, one layer at a "
+                        "time, each layer's pages released after use, only routed experts "
+                        "read, each tensor checked for NaN/Inf when first used (use the "
+                        "checkpoint's dtype as --numerics; see docs/streaming.md)")
+    p.add_argument("--progress", action="store_true",
+                   help="with --stream: a line per layer on stderr even when it is not a "
+                        "terminal (on a terminal the progress bar is always drawn)")
     p.add_argument("--init-seed", type=int, default=0,
                    help="seed of the random weights when --model is a preset")
     p.add_argument("--tokenizer", metavar="PATH",
@@ -86,10 +94,22 @@ def _check_options(args) -> None:
         raise InputError(f"--layers must be at least 1, got {args.layers}")
     if args.chat and args.token_ids is not None:
         raise InputError("--chat wraps a text prompt; it cannot be used with --token-ids")
+    if args.progress and not args.stream:
+        raise InputError("--progress goes with --stream")
+    if args.stream and not is_checkpoint_dir(args.model):
+        raise InputError(f"--stream reads a checkpoint directory, and {args.model} is not one "
+                         "(write one with: python -m refimpl init --preset NAME --out DIR)")
 
 
 def open_model(args):
     """(model, directory or None) for --model DIR|PRESET."""
+    if args.stream:
+        from ..streaming import load_streamed
+
+        model = load_streamed(args.model, numerics=args.numerics, backend=args.backend,
+                              layers=args.layers, allow_nonfinite=args.allow_nonfinite,
+                              progress=True if args.progress else None)
+        return model, args.model
     if is_checkpoint_dir(args.model):
         model = load_model(args.model, numerics=args.numerics, backend=args.backend,
                            lazy=args.lazy, allow_nonfinite=args.allow_nonfinite,
@@ -193,4 +213,8 @@ def main(args) -> int:
     stop = " (stopped at eos)" if new and new[-1] == eos else ""
     print(f"[prompt tokens {len(ids)} | new tokens {len(new)}{stop} | prefill {prefill:.3f} s | "
           f"decode {decode} | {args.numerics}, {args.backend}]", file=sys.stderr)
+    if args.stream:
+        from ..streaming import memory_line
+
+        print(f"[streamed: {memory_line()}]", file=sys.stderr)
     return 0
