@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Regenerate the committed golden suite: golden/regenerate.sh [OUT]   (default: this directory)
+#
+# Writes OUT/tiny-dense/ and OUT/tiny-moge/ (every operator of each preset in fp64, fp32,
+# bf16 and fp16, plus a layer-0 case and a model case in bf16) and OUT/environment.json.
+# Everything goes to a temporary directory first and replaces the old suite only when all
+# commands succeeded. tests/test_golden.py runs this script and requires the files to be
+# bit-identical to the committed ones.
+#
+# The same command on the same machine always writes the same bytes. Across machines the
+# last bits of a matrix product or an exp() depend on the SIMD code path NumPy and OpenBLAS
+# pick for the CPU, so this script pins both to their baseline x86-64 kernels (slow, but
+# the suite is tiny): then any x86-64 machine with the same NumPy/OpenBLAS versions
+# (recorded in environment.json) reproduces the suite bit for bit.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="${1:-$here}"
+python="${PYTHON:-python}"
+
+export OPENBLAS_CORETYPE=Prescott
+export NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4 AVX512_ICL AVX512_SPR"
+
+mkdir -p "$out"
+tmp="$(mktemp -d "$out/.regenerate-XXXXXX")"
+trap 'rm -rf "$tmp"' EXIT
+
+for preset in tiny-dense tiny-moge; do
+  for mode in fp64 fp32 bf16 fp16; do
+    "$python" -m refimpl golden --preset "$preset" --numerics "$mode" --seed 0 --tokens 8 \
+      --out "$tmp/$preset" >/dev/null
+  done
+  "$python" -m refimpl golden --model "$preset" --token-ids 1,5,7,9,11,13 --layers 0 \
+    --numerics bf16 --seed 0 --out "$tmp/$preset" >/dev/null
+done
+
+"$python" - "$tmp/environment.json" <<'EOF'
+import json, os, platform, sys
+import ml_dtypes, numpy
+import refimpl
+config = numpy.show_config(mode="dicts")
+blas = config["Build Dependencies"]["blas"]
+env = {"machine": platform.machine(), "numpy": numpy.__version__,
+       "ml_dtypes": ml_dtypes.__version__, "refimpl": refimpl.__version__,
+       "blas": f"{blas.get('name')} {blas.get('version')}",
+       "numpy_simd_baseline": config["SIMD Extensions"]["baseline"],
+       "OPENBLAS_CORETYPE": os.environ["OPENBLAS_CORETYPE"],
+       "NPY_DISABLE_CPU_FEATURES": os.environ["NPY_DISABLE_CPU_FEATURES"]}
+with open(sys.argv[1], "w") as fh:
+    json.dump(env, fh, indent=1)
+    fh.write("\n")
+EOF
+
+for preset in tiny-dense tiny-moge; do
+  rm -rf "$out/$preset"
+  mv "$tmp/$preset" "$out/$preset"
+done
+mv "$tmp/environment.json" "$out/environment.json"
+echo "wrote the golden suite to $out ($(du -sh --apparent-size "$out" | cut -f1))"

@@ -1,0 +1,680 @@
+"""Golden cases for kernel developers: per operator at a preset's real shapes, or per layer of
+a model forward. The format is `refimpl.golden_format` (documented in golden/README.md).
+
+Every output is computed by the spec (`refimpl.ops`) in the case's numerics mode from inputs
+already rounded to the storage dtype, and stored with `NAME.ref64`: the same operator in
+float64 from the same rounded inputs, so a kernel can be judged by "its error against the
+float64 reference is at most k x the spec's own low-precision error" (criterion k-error).
+
+    cases = operator_cases("tiny-moge", ["attention", "moe"], "bf16", seed=0, tokens=16)
+    cases = model_cases(refimpl.init_model("tiny-dense"), [1, 5, 7], layers=[0])
+    for case in cases: write_case("out/", case)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ops
+from .checkpoint import with_layers
+from .config import ROPE_ANGLE_MODES, ModelConfig, preset, weight_shapes
+from .errors import InputError
+from .golden_format import DEFAULT_K, REF_SUFFIX, Case, is_float, numerics_entry
+from .numerics import accum_dtype, storage_dtype
+from .random_init import random_tensor, tensor_rng
+from .taps import Taps
+
+OPERATORS = ("rms_norm", "rope", "attention", "swiglu", "moge_route", "moe")
+MOGE_OPERATORS = ("moge_route", "moe")
+#: per-query offset of the attention scores, from a key direction shared by all keys (as
+#: trained models have): softmax is unchanged by it, but exp() without max-subtraction
+#: overflows float16 (exp(12) > 65504)
+ATTENTION_SCORE_OFFSET = 12.0
+
+ALLCLOSE = {"name": "allclose"}
+EXACT = {"name": "exact"}
+_WHY_K = ("a long reduction: a fixed atol is too loose or too tight, so a kernel passes when "
+          "its max error against the float64 reference is at most k x the spec's own "
+          "low-precision error (plus the dtype's atol)")
+_WHY_ALLCLOSE = ("elementwise with a bounded relative error: torch.testing.assert_close "
+                 "tolerances of the output dtype")
+
+
+# ---------------------------------------------------------------------- determinism
+#: (get, set) symbol pairs of OpenBLAS builds: NumPy's wheels (scipy-openblas, 64-bit
+#: integers), then plain OpenBLAS
+_BLAS_THREAD_FUNCTIONS = tuple(
+    (f"{prefix}_get_num_threads{suffix}", f"{prefix}_set_num_threads{suffix}")
+    for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""),
+                           ("openblas", "64_"), ("openblas", "")))
+
+
+def _openblas_thread_controls():
+    """(get, set) of the OpenBLAS library this process loaded (NumPy's), or None."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            paths = sorted({line.split(None, 5)[-1].strip() for line in fh
+                            if "openblas" in line.lower() and "/" in line})
+    except OSError:  # not Linux: leave the BLAS as it is
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get, put in _BLAS_THREAD_FUNCTIONS:
+            if hasattr(lib, get) and hasattr(lib, put):
+                getter, setter = getattr(lib, get), getattr(lib, put)
+                getter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
+                return getter, setter
+    return None
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Run the block with OpenBLAS on one thread: its multi-threaded GEMM splits a product
+    differently by thread count and the last bits of some elements change (measured: 9 of
+    39 x 257 float64 logits with OPENBLAS_NUM_THREADS=2 vs 1), so goldens would depend on it."""
+    controls = _openblas_thread_controls()
+    if controls is None:
+        yield
+        return
+    getter, setter = controls
+    before = getter()
+    setter(1)
+    try:
+        yield
+    finally:
+        setter(before)
+
+
+def _deterministic(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with single_threaded_blas():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def k_error(name: str, k: float = DEFAULT_K) -> dict:
+    return {"name": "k-error", "k": k, "reference": name + REF_SUFFIX}
+
+
+def f64(a) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
+
+
+# ---------------------------------------------------------------------- operator cases
+@dataclass
+class _Ctx:
+    config: ModelConfig
+    preset: str
+    mode: str
+    seed: int
+    tokens: int
+    export: tuple
+    rope_angles: str
+    rope_override: bool
+
+    @property
+    def dtype(self) -> np.dtype:
+        return storage_dtype(self.mode)
+
+    def command(self, op: str) -> str:
+        parts = ["python -m refimpl golden", f"--preset {self.preset}", f"--ops {op}",
+                 f"--numerics {self.mode}", f"--seed {self.seed}", f"--tokens {self.tokens}"]
+        if self.rope_override:
+            parts.append(f"--rope-angles {self.rope_angles}")
+        if self.export:
+            parts.append(f"--export {','.join(self.export)}")
+        return " ".join(parts + ["--out DIR"])
+
+    def normal(self, tag: str, shape, std: float = 1.0) -> np.ndarray:
+        """Seeded N(0, std^2) activations, rounded to the storage dtype."""
+        rng = tensor_rng(self.seed, f"golden.{tag}")
+        return (rng.standard_normal(shape) * std).astype(self.dtype)
+
+    def weight(self, name: str) -> np.ndarray:
+        """The checkpoint tensor `name` as `refimpl.init_model(preset, seed)` makes it."""
+        return random_tensor(self.config, name, weight_shapes_of(self.config, name), self.seed,
+                             self.dtype)
+
+    def case(self, op: str, variant: str, description: str, parameters: dict, cast_ops,
+             criterion: dict) -> Case:
+        name = f"{self.preset}-{op.replace('_', '-')}{'-' + variant if variant else ''}-" \
+               f"{self.mode}"
+        return Case(name=name, operator=op, description=description, parameters=parameters,
+                    numerics=numerics_entry(self.mode, cast_ops), seed=self.seed,
+                    source={"kind": "preset", "preset": self.preset,
+                            "config": self.config.to_hf_dict(),
+                            "weights": f"refimpl.random_init.random_tensor(config, NAME, shape, "
+                                       f"seed={self.seed}): the layer-0 tensors of "
+                                       f"refimpl.init_model('{self.preset}', seed={self.seed})"},
+                    command=self.command(op), criterion=criterion)
+
+
+def weight_shapes_of(config: ModelConfig, name: str) -> tuple:
+    """The checkpoint shape of a layer-0 (or global) tensor name."""
+    return weight_shapes(with_layers(config, 1))[name]
+
+
+def add_output(case: Case, name: str, out: np.ndarray, ref: np.ndarray | None,
+               criterion: dict, produced_by=None, note=None) -> None:
+    """An output and (for float outputs) its float64 reference `NAME.ref64`."""
+    case.add(name, out, "output", criterion=criterion, produced_by=produced_by, note=note)
+    if ref is not None and is_float(out.dtype):
+        case.add(name + REF_SUFFIX, f64(ref), "reference",
+                 note=f"{name} computed in float64 from the same rounded inputs")
+
+
+def available_operators(config: ModelConfig) -> tuple:
+    return OPERATORS if config.is_moge else tuple(o for o in OPERATORS
+                                                  if o not in MOGE_OPERATORS)
+
+
+def parse_ops(text: str | None, config: ModelConfig, name: str) -> list:
+    """--ops a,b -> operator names, in OPERATORS order; all the architecture has if None."""
+    if text is None:
+        return list(available_operators(config))
+    wanted = [o.strip() for o in text.split(",") if o.strip()]
+    if not wanted:
+        raise InputError(f"--ops {text!r}: name at least one of {', '.join(OPERATORS)}")
+    for op in wanted:
+        if op not in OPERATORS:
+            raise InputError(f"--ops: unknown operator {op!r}; choose from "
+                             f"{', '.join(OPERATORS)}")
+        if op in MOGE_OPERATORS and not config.is_moge:
+            raise InputError(f"--ops {op}: preset {name} is a dense model (PanguEmbedded) with "
+                             "no MoGE router or experts; use a MoGE preset (tiny-moge, "
+                             "pro-moe-72b)")
+    return [o for o in OPERATORS if o in wanted]
+
+
+@_deterministic
+def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens: int = 16,
+                   rope_angles: str | None = None, export=()) -> list:
+    """The cases of the named operators at the preset's shapes (see the module docstring)."""
+    config = preset(preset_name)
+    storage_dtype(mode)  # refuse an unknown mode first
+    if not isinstance(tokens, int) or not 1 <= tokens <= config.max_position_embeddings:
+        raise InputError(f"--tokens must be in [1, {config.max_position_embeddings}] "
+                         f"(max_position_embeddings of {preset_name}), got {tokens}")
+    if rope_angles is not None and rope_angles not in ROPE_ANGLE_MODES:
+        raise InputError(f"--rope-angles {rope_angles!r}: choose one of "
+                         f"{', '.join(ROPE_ANGLE_MODES)}")
+    ops_list = parse_ops(",".join(operators), config, preset_name)
+    ctx = _Ctx(config, preset_name, mode, int(seed), tokens, tuple(export),
+               rope_angles or config.rope_angles, rope_angles is not None)
+    builders = {"rms_norm": _rms_norm_cases, "rope": _rope_cases,
+                "attention": _attention_cases, "swiglu": _swiglu_cases,
+                "moge_route": _moge_route_cases, "moe": _moe_cases}
+    cases = []
+    for op in ops_list:
+        cases.extend(builders[op](ctx))
+    return cases
+
+
+def _rms_norm_cases(ctx: _Ctx) -> list:
+    c, T = ctx.config, ctx.tokens
+    H, eps = c.hidden_size, c.rms_norm_eps
+    wname = "model.layers.0.input_layernorm.weight"
+    case = ctx.case("rms_norm", "", "RMSNorm of T token vectors: y = weight * round(x / "
+                    "sqrt(mean(x^2) + eps)), statistics in the accumulation dtype",
+                    {"eps": eps, "hidden_size": H, "tokens": T, "axis": -1,
+                     "formula": "y = round(weight * round(x * 1/sqrt(mean(x^2) + eps)))",
+                     "weight": wname},
+                    ["rms_norm"], {"default": "allclose", "why": _WHY_ALLCLOSE})
+    x = ctx.normal("rms_norm.x", (T, H))                     # [T, H]
+    w = ctx.weight(wname)                                    # [H]
+    case.add("x", x, "input")
+    case.add("weight", w, "input")
+    y = ops.rms_norm(x, w, eps)                              # [T, H]
+    add_output(case, "y", y, ops.rms_norm(f64(x), f64(w), eps), ALLCLOSE,
+               {"op": "rms_norm", "args": ["x", "weight"]})
+    return [case]
+
+
+def _rope_cases(ctx: _Ctx) -> list:
+    c, T, dt = ctx.config, ctx.tokens, ctx.dtype
+    D, Hq, Hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    top = c.max_position_embeddings
+    cases = []
+    for variant, positions, what in (
+            ("", np.arange(T), f"positions 0..{T - 1}"),
+            ("long", np.arange(top - T, top), f"positions {top - T}..{top - 1}, the last before "
+                                              f"max_position_embeddings {top}")):
+        case = ctx.case("rope", variant,
+                        f"rotate-half RoPE of q and k at {what}; cos/sin tables given as "
+                        "inputs (already rounded to the storage dtype)",
+                        {"theta": c.rope_theta, "head_dim": D, "num_heads": Hq,
+                         "num_kv_heads": Hkv, "tokens": T, "angle_mode": ctx.rope_angles,
+                         "angle_modes": {"exact": "inv_freq and angle in float64, cos/sin in "
+                                                  "float64, one rounding",
+                                         "float32": "Hugging Face: inv_freq and angle in "
+                                                    "float32"},
+                         "convention": "rotate-half (GPT-NeoX / Hugging Face Llama)",
+                         "formula": "inv_freq[i] = theta^(-2i/d); angle = position * inv_freq; "
+                                    "cos = cat(cos(angle), cos(angle)); rotate_half(x) = "
+                                    "cat(-x[d/2:], x[:d/2]); y = round(round(x*cos) + "
+                                    "round(rotate_half(x)*sin))",
+                         "positions": what, "max_position_embeddings": top},
+                        ["rope tables", "apply_rope"], {"default": "k-error", "why":
+                        "x*cos + rotate_half(x)*sin cancels: near-zero results carry the "
+                        "rounding error of their larger terms, so a relative tolerance fails "
+                        "correct kernels; judged by k x the spec's own error"})
+        q = ctx.normal(f"rope{variant}.q", (T, Hq, D))       # [T, Hq, D]
+        k = ctx.normal(f"rope{variant}.k", (T, Hkv, D))      # [T, Hkv, D]
+        cos, sin = ops.rope_tables(positions, D, c.rope_theta, angles=ctx.rope_angles,
+                                   dtype=accum_dtype(dt))    # [T, D] each
+        cos, sin = cos.astype(dt), sin.astype(dt)
+        case.add("q", q, "input")
+        case.add("k", k, "input")
+        case.add("positions", positions.astype(np.int64), "input")
+        case.add("cos", cos, "input", note="rope_tables(positions) rounded to the storage dtype")
+        case.add("sin", sin, "input", note="rope_tables(positions) rounded to the storage dtype")
+        for name, x in (("q_rope", q), ("k_rope", k)):
+            src = name[0]
+            add_output(case, name, ops.apply_rope(x, cos, sin),
+                       ops.apply_rope(f64(x), f64(cos), f64(sin)), k_error(name),
+                       {"op": "apply_rope", "args": [src, "cos", "sin"]})
+        cases.append(case)
+    return cases
+
+
+def _attention_inputs(ctx: _Ctx, tag: str, T: int, S: int):
+    """q [T, Hq, D], k/v [S, Hkv, D]: N(0, 1) plus a direction u shared by the keys of a KV
+    head (and the queries reading it), giving scores a per-query offset of about
+    ATTENTION_SCORE_OFFSET with a spread of a few units."""
+    c = ctx.config
+    D, Hq, Hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    rng = tensor_rng(ctx.seed, f"golden.{tag}.u")
+    u = rng.standard_normal((Hkv, D))
+    u *= np.sqrt(D) / np.linalg.norm(u, axis=-1, keepdims=True)   # |u_h|^2 = D
+    alpha = np.sqrt(ATTENTION_SCORE_OFFSET / np.sqrt(D))         # q.k/sqrt(D) ~ alpha^2 sqrt(D)
+    kv_head = np.arange(Hq) // c.kv_group_size
+    q = tensor_rng(ctx.seed, f"golden.{tag}.q").standard_normal((T, Hq, D)) + alpha * u[kv_head]
+    k = tensor_rng(ctx.seed, f"golden.{tag}.k").standard_normal((S, Hkv, D)) + alpha * u
+    v = tensor_rng(ctx.seed, f"golden.{tag}.v").standard_normal((S, Hkv, D))
+    return q.astype(ctx.dtype), k.astype(ctx.dtype), v.astype(ctx.dtype)
+
+
+def _attention_cases(ctx: _Ctx) -> list:
+    c, S = ctx.config, ctx.tokens
+    D, Hq, Hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    cases = []
+    for variant, T in (("prefill", S), ("decode", 1)):
+        what = (f"prefill: {T} queries over their own {S} keys, causal" if variant == "prefill"
+                else f"decode: 1 query (position {S - 1}) against a cache of {S} positions")
+        case = ctx.case("attention", variant,
+                        f"scaled dot-product attention with GQA, {what}",
+                        {"num_heads": Hq, "num_kv_heads": Hkv, "head_dim": D,
+                         "group": c.kv_group_size, "gqa": "query head h reads KV head h // group",
+                         "queries": T, "keys": S, "causal": True,
+                         "mask": "query t sits at position S - T + t and sees keys j <= S - T + t",
+                         "scale": D ** -0.5, "softmax_dtype": "float32 (float64 in fp64 mode)",
+                         "layout": "q [T, heads, D], k/v [S, kv_heads, D], o [T, heads, D]",
+                         "formula": "s = round(q k^T); s = round(s * scale); mask; p = "
+                                    "round(softmax(s)); o = round(p v)",
+                         "score_offset": f"keys share a direction per KV head (as trained models' "
+                                         f"keys do): scores carry a per-query offset of about "
+                                         f"{ATTENTION_SCORE_OFFSET:g}, so exp() without "
+                                         "max-subtraction overflows float16"},
+                        ["attention"], {"default": "k-error", "why": _WHY_K})
+        q, k, v = _attention_inputs(ctx, f"attention.{variant}", T, S)
+        for name, a in (("q", q), ("k", k), ("v", v)):
+            case.add(name, a, "input")
+        o = ops.attention(q, k, v, causal=True)              # [T, Hq, D]
+        add_output(case, "o", o, ops.attention(f64(q), f64(k), f64(v), causal=True),
+                   k_error("o"), {"op": "attention", "args": ["q", "k", "v"]})
+        cases.append(case)
+    return cases
+
+
+def _swiglu_cases(ctx: _Ctx) -> list:
+    c, T = ctx.config, ctx.tokens
+    if c.layer_is_moe(0):
+        prefix, inter, which = ("model.layers.0.mlp.experts.0.", c.moe_intermediate_size,
+                                "routed expert 0 of layer 0 (moe_intermediate_size)")
+    else:
+        prefix, inter, which = "model.layers.0.mlp.", c.intermediate_size, "the layer-0 MLP"
+    case = ctx.case("swiglu", "", f"SwiGLU MLP y = down(silu(gate(x)) * up(x)), weights of "
+                    f"{which}",
+                    {"hidden_size": c.hidden_size, "intermediate_size": inter, "tokens": T,
+                     "activation": "silu", "bias": False, "weights": prefix + "*",
+                     "layout": "weights [out, in] as in the checkpoint",
+                     "formula": "g = round(x Wg^T); u = round(x Wu^T); h = round(round(silu(g))"
+                                " * u); y = round(h Wd^T)"},
+                    ["linear", "swiglu"], {"default": "k-error", "why": _WHY_K})
+    x = ctx.normal("swiglu.x", (T, c.hidden_size))           # [T, H]
+    ws = [ctx.weight(prefix + f"{p}_proj.weight") for p in ("gate", "up", "down")]
+    case.add("x", x, "input")
+    for p, w in zip(("gate", "up", "down"), ws):
+        case.add(f"{p}_proj.weight", w, "input")
+    y = ops.swiglu(x, *ws)                                   # [T, H]
+    add_output(case, "y", y, ops.swiglu(f64(x), *map(f64, ws)), k_error("y"),
+               {"op": "swiglu", "args": ["x", "gate_proj.weight", "up_proj.weight",
+                                         "down_proj.weight"]})
+    return [case]
+
+
+def _moge_params(c: ModelConfig) -> dict:
+    return {"num_experts": c.num_experts, "num_groups": c.num_groups,
+            "experts_per_group": c.experts_per_group,
+            "groups": "contiguous blocks of expert ids: group g = experts g*E/G .. (g+1)*E/G-1",
+            "routing": "p = softmax(logits) over all experts (float32); per group e_g = "
+                       "argmax of p in the group (ties: lowest id); weight_g = p[e_g] * "
+                       "router_scale[e_g]; no renormalisation"}
+
+
+def _moge_route_cases(ctx: _Ctx) -> list:
+    c, T = ctx.config, ctx.tokens
+    case = ctx.case("moge_route", "", "MoGE router: global softmax, one expert per group, "
+                    "weights times router_scale (not renormalised)",
+                    {**_moge_params(c), "tokens": T,
+                     "outputs": "expert_ids [T, G] int64 (group order), expert_weights [T, G] "
+                                "in the accumulation dtype"},
+                    ["linear", "moge_route"], {"default": "exact ids, allclose weights",
+                                               "why": _WHY_ALLCLOSE})
+    x = ctx.normal("moge_route.x", (T, c.hidden_size))
+    logits = ops.linear(x, ctx.weight("model.layers.0.mlp.gate.weight"))   # [T, E]
+    scale = ctx.weight("model.layers.0.mlp.router_scale")                 # [1, E]
+    case.add("router_logits", logits, "input", note="linear(x, mlp.gate.weight), x ~ N(0, 1)")
+    case.add("router_scale", scale, "input")
+    ids, weights = ops.moge_route(logits, scale, c.num_groups)
+    ref_ids, ref_weights = ops.moge_route(f64(logits), f64(scale), c.num_groups)
+    case.parameters["reference_routing_agrees"] = bool(np.array_equal(ids, ref_ids))
+    produced = {"op": "moge_route", "args": ["router_logits", "router_scale"]}
+    add_output(case, "expert_ids", ids, None, EXACT, produced)
+    add_output(case, "expert_weights", weights, ref_weights, ALLCLOSE, produced)
+    return [case]
+
+
+class _Float64Experts:
+    """experts[e] -> its (gate, up, down) weights upcast to float64, made when asked."""
+
+    def __init__(self, stacks):
+        self.stacks = stacks
+
+    def __getitem__(self, e):
+        return tuple(f64(s[int(e)]) for s in self.stacks)
+
+    def __len__(self):
+        return len(self.stacks[0])
+
+
+def _moe_cases(ctx: _Ctx) -> list:
+    c, T = ctx.config, ctx.tokens
+    E, H, I = c.num_experts, c.hidden_size, c.moe_intermediate_size
+    p = "model.layers.0.mlp."
+    case = ctx.case("moe", "", "MoGE block: route, run the selected experts, add their "
+                    "weighted outputs and the shared expert",
+                    {**_moge_params(c), "tokens": T, "hidden_size": H,
+                     "moe_intermediate_size": I,
+                     "shared_expert_intermediate_size": c.shared_expert_intermediate_size,
+                     "layout": "experts.{gate,up}_proj.weight [E, I, H], experts.down_proj."
+                               "weight [E, H, I] (checkpoint tensors stacked by expert id)",
+                     "accumulation": "w = round(weights); y = 0; for each selected expert in "
+                                     "ascending id: y[tok] = round(y[tok] + round(w * "
+                                     "expert(x[tok]))); y = round(y + shared_expert(x))"},
+                    ["linear", "swiglu", "moge_route", "moe block"],
+                    {"default": "k-error", "why": _WHY_K})
+    x = ctx.normal("moe.x", (T, H))                          # [T, H]
+    gate = ctx.weight(p + "gate.weight")                     # [E, H]
+    scale = ctx.weight(p + "router_scale")                   # [1, E]
+    stacks = []                                              # [E, I, H], [E, I, H], [E, H, I]
+    for w in ("gate", "up", "down"):
+        name = p + "experts.{}." + f"{w}_proj.weight"
+        stack = np.empty((E, *weight_shapes_of(c, name.format(0))), ctx.dtype)
+        for e in range(E):                                   # one expert at a time in memory
+            stack[e] = ctx.weight(name.format(e))
+        stacks.append(stack)
+    shared = [ctx.weight(p + f"shared_expert.{w}_proj.weight") for w in ("gate", "up", "down")]
+    case.add("x", x, "input")
+    case.add("gate.weight", gate, "input")
+    case.add("router_scale", scale, "input")
+    for w, s in zip(("gate", "up", "down"), stacks):
+        case.add(f"experts.{w}_proj.weight", s, "input")
+    for w, s in zip(("gate", "up", "down"), shared):
+        case.add(f"shared_expert.{w}_proj.weight", s, "input")
+    got, ref_got = {}, {}
+    y = ops.moe_block(x, gate, scale, [tuple(s[e] for s in stacks) for e in range(E)], shared,
+                      c.num_groups, record=got.__setitem__)
+    ref = ops.moe_block(f64(x), f64(gate), f64(scale), _Float64Experts(stacks),
+                        [f64(s) for s in shared], c.num_groups, record=ref_got.__setitem__)
+    case.parameters["reference_routing_agrees"] = bool(
+        np.array_equal(got["expert_ids"], ref_got["expert_ids"]))
+    add_output(case, "y", y, ref, k_error("y"),
+               {"op": "moe_block", "args": [t.name for t in case.tensors]})
+    return [case]
+
+
+# ---------------------------------------------------------------------- model cases
+class _Float64Weights(Mapping):
+    """name -> the model's weight rounded to its storage dtype, then upcast to float64."""
+
+    def __init__(self, weights, dtype):
+        self.weights, self.dtype = weights, dtype
+
+    def __getitem__(self, name):
+        return np.asarray(self.weights[name]).astype(self.dtype).astype(np.float64)
+
+    def __contains__(self, name):
+        return name in self.weights
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self):
+        return len(self.weights)
+
+
+def reference_model(model):
+    """The same model in float64 numerics, its weights the model's rounded weights upcast
+    (converted when used, so memory stays per tensor)."""
+    from .model import Model
+
+    return Model(model.config, _Float64Weights(model.weights, model.dtype), numerics="fp64",
+                 lazy=True, check=False)
+
+
+def _produced_by(config: ModelConfig, i: int, tap: str) -> dict | None:
+    """Which operator made a layer tap, from which tensors (names as in the case)."""
+    L, w = f"layers.{i}.", f"model.layers.{i}."
+    a = w + "self_attn."
+
+    def lin(src, proj):
+        args = [L + src, a + f"{proj}_proj.weight"]
+        return {"op": "linear", "args": args + ([a + f"{proj}_proj.bias"] if config.bias
+                                                else [])}
+
+    def swiglu(src, prefix):
+        return {"op": "swiglu", "args": [src] + [prefix + f"{p}_proj.weight"
+                                                 for p in ("gate", "up", "down")]}
+
+    table = {
+        "input_norm": {"op": "rms_norm", "args": [L + "input", w + "input_layernorm.weight"]},
+        "q": {**lin("input_norm", "q"), "then": "reshape [T, heads, D]"},
+        "k": {**lin("input_norm", "k"), "then": "reshape [T, kv_heads, D]"},
+        "v": {**lin("input_norm", "v"), "then": "reshape [T, kv_heads, D]"},
+        "q_rope": {"op": "apply_rope", "args": [L + "q", "cos", "sin"]},
+        "k_rope": {"op": "apply_rope", "args": [L + "k", "cos", "sin"]},
+        "attn": {"op": "attention", "args": [L + "q_rope", L + "k_rope", L + "v"],
+                 "causal": True, "then": "reshape [T, heads * D]"},
+        "attn_out": lin("attn", "o"),
+        "resid_mid": {"op": "add", "args": [L + "input", L + "attn_out"]},
+        "post_norm": {"op": "rms_norm", "args": [L + "resid_mid",
+                                                 w + "post_attention_layernorm.weight"]},
+        "router_logits": {"op": "linear", "args": [L + "post_norm", w + "mlp.gate.weight"]},
+        "expert_ids": {"op": "moge_route", "args": [L + "router_logits",
+                                                    w + "mlp.router_scale"]},
+        "expert_weights": {"op": "moge_route", "args": [L + "router_logits",
+                                                        w + "mlp.router_scale"]},
+        "shared_expert_out": swiglu(L + "post_norm", w + "mlp.shared_expert."),
+        "mlp_out": ({"op": "moe_block", "args": [L + "post_norm", w + "mlp.*"]}
+                    if config.layer_is_moe(i) else swiglu(L + "post_norm", w + "mlp.")),
+        "out": {"op": "add", "args": [L + "resid_mid", L + "mlp_out"]},
+    }
+    if tap in table:
+        return table[tap]
+    parts = tap.split(".")
+    if parts[0] == "experts" and len(parts) == 3:
+        e = parts[1]
+        if parts[2] == "token_idx":
+            return {"op": "select", "args": [L + "expert_ids"],
+                    "then": f"indices of the tokens routed to expert {e}"}
+        if parts[2] == "in":
+            return {"op": "gather", "args": [L + "post_norm", L + f"experts.{e}.token_idx"]}
+        if parts[2] == "out":
+            return swiglu(L + f"experts.{e}.in", w + f"mlp.experts.{e}.")
+    return None
+
+
+_LAYER_CAST_OPS = ["linear", "rms_norm", "rope tables", "apply_rope", "attention", "swiglu",
+                   "residual add"]
+_MOE_CAST_OPS = ["moge_route", "moe block"]
+
+
+@_deterministic
+def model_cases(model, token_ids, layers=None, model_name: str = "model",
+                source: dict | None = None, command: str = "", seed=None,
+                include_weights: bool = True) -> list:
+    """One case per selected layer (its input, RoPE tables, weights and every tap) plus a
+    model case (token ids -> embed, final_norm, logits), each output with NAME.ref64."""
+    c = model.config
+    ids = model.check_token_ids(token_ids)                   # [T]
+    T = ids.size
+    if T > c.max_position_embeddings:
+        raise InputError(f"{T} tokens exceed max_position_embeddings {c.max_position_embeddings}")
+    layers = list(range(c.num_hidden_layers)) if layers is None else sorted(set(layers))
+    for i in layers:
+        if not 0 <= i < c.num_hidden_layers:
+            raise InputError(f"--layers: layer {i} is not in [0, {c.num_hidden_layers})")
+    dt, mode = model.dtype, model.numerics
+    taps = Taps(layers)
+    model.forward(ids, taps=taps)
+    positions = np.arange(T)
+    cos, sin = ops.rope_tables(positions, c.head_dim, c.rope_theta, angles=c.rope_angles,
+                               dtype=accum_dtype(dt))        # [T, D]
+    cos, sin = cos.astype(dt), sin.astype(dt)
+    ref = reference_model(model)
+    source = dict(source or {}, config=c.to_hf_dict())
+    tokens_param = {"token_ids": [int(t) for t in ids], "tokens": T,
+                    "positions": f"0..{T - 1} (no cache)"}
+    cases = []
+    shapes = weight_shapes(c)
+    for i in layers:
+        moe = c.layer_is_moe(i)
+        L = f"layers.{i}."
+        case = Case(
+            name=f"{model_name}-layer{i}-{mode}", operator="decoder_layer",
+            description=f"decoder layer {i} ({'MoGE' if moe else 'dense'} MLP) of a forward "
+                        f"over {T} tokens: its input, RoPE tables and weights, and every "
+                        "intermediate (refimpl.Taps) as an output of the operator that made it",
+            parameters={"layer": i, **tokens_param, "hidden_size": c.hidden_size,
+                        "num_heads": c.num_attention_heads,
+                        "num_kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+                        "group": c.kv_group_size, "eps": c.rms_norm_eps,
+                        "theta": c.rope_theta, "angle_mode": c.rope_angles, "causal": True,
+                        "scale": c.head_dim ** -0.5, "bias": c.bias, "moe": moe,
+                        **(_moge_params(c) if moe else {}),
+                        "weights_included": include_weights,
+                        "formula": "h = x + o_proj(attention(rope(q_proj(n1)), rope(k_proj(n1)),"
+                                   " v_proj(n1))), n1 = rms_norm(x); y = h + mlp(rms_norm(h))",
+                        "reference": "NAME.ref64: the layer run in float64 from the same rounded"
+                                     " input, RoPE tables and weights"},
+            numerics=numerics_entry(mode, _LAYER_CAST_OPS + (_MOE_CAST_OPS if moe else [])),
+            seed=seed, source=source, command=command,
+            criterion={"default": "k-error (exact for integer outputs)", "why": _WHY_K})
+        x = taps[L + "input"]
+        case.add(L + "input", x, "input")
+        case.add("positions", positions.astype(np.int64), "input")
+        case.add("cos", cos, "input", note="rope_tables(positions) rounded to the storage dtype")
+        case.add("sin", sin, "input", note="rope_tables(positions) rounded to the storage dtype")
+        if include_weights:
+            for name in shapes:
+                if name.startswith(f"model.layers.{i}."):
+                    case.add(name, model.w(name), "input")
+        rtaps = Taps([i])
+        ref.layer(i, f64(x), f64(cos), f64(sin), None, rtaps.layer_recorder(i))
+        agrees = (not moe) or np.array_equal(taps[L + "expert_ids"], rtaps[L + "expert_ids"])
+        if moe:
+            case.parameters["reference_routing_agrees"] = bool(agrees)
+        for name in taps:
+            if not name.startswith(L) or name == L + "input":
+                continue
+            out = taps[name]
+            tap = name[len(L):]
+            r = rtaps.arrays.get(name)
+            if (r is None or r.shape != out.shape or not is_float(out.dtype)
+                    or (tap.startswith("experts.") and not agrees)):
+                r = None
+            crit = (k_error(name) if r is not None else
+                    (ALLCLOSE if is_float(out.dtype) else EXACT))
+            add_output(case, name, out, r, crit, _produced_by(c, i, tap))
+        cases.append(case)
+
+    case = Case(
+        name=f"{model_name}-model-{mode}", operator="model",
+        description=f"the whole model on {T} token ids: embedding, {c.num_hidden_layers} "
+                    "layers, final RMSNorm and LM head",
+        parameters={**tokens_param, "num_hidden_layers": c.num_hidden_layers,
+                    "vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_word_embeddings,
+                    "reference": "NAME.ref64: the model run in float64 (weights rounded to the "
+                                 "storage dtype, then upcast; RoPE tables in float64)"},
+        numerics=numerics_entry(mode, ["embedding"] + _LAYER_CAST_OPS
+                                + (_MOE_CAST_OPS if c.is_moge else []) + ["logits"]),
+        seed=seed, source=source, command=command,
+        criterion={"default": "k-error", "why": _WHY_K})
+    case.add("token_ids", ids, "input")
+    rtaps = Taps([])
+    ref.forward(ids, taps=rtaps)
+    final = f"layers.{c.num_hidden_layers - 1}.out"
+    for name, produced in (("embed", {"op": "embedding", "args": ["token_ids",
+                                                                  "model.embed_tokens.weight"]}),
+                           ("final_norm", {"op": "rms_norm", "args": [final,
+                                                                      "model.norm.weight"]}),
+                           ("logits", {"op": "linear", "args": [
+                               "final_norm", "model.embed_tokens.weight"
+                               if c.tie_word_embeddings else "lm_head.weight"]})):
+        add_output(case, name, taps[name], rtaps[name], k_error(name), produced)
+    cases.append(case)
+    return cases
+
+
+def model_command(spec: str, ids, prompt, layers, mode, seed, include_weights, export,
+                  tokenizer=None) -> str:
+    """The command recorded in a model case's manifest (--out left as DIR; seed None for a
+    checkpoint)."""
+    parts = ["python -m refimpl golden", f"--model {shlex.quote(spec)}"]
+    parts.append(f"--prompt {shlex.quote(prompt)}" if prompt is not None
+                 else f"--token-ids {','.join(str(int(t)) for t in ids)}")
+    if tokenizer is not None:
+        parts.append(f"--tokenizer {shlex.quote(tokenizer)}")
+    if layers is not None:
+        parts.append(f"--layers {','.join(str(i) for i in layers)}")
+    parts.append(f"--numerics {mode}")
+    if seed is not None:
+        parts.append(f"--seed {seed}")
+    if not include_weights:
+        parts.append("--no-weights")
+    if export:
+        parts.append(f"--export {','.join(export)}")
+    return " ".join(parts + ["--out DIR"])
+
+
+def model_name_of(spec: str) -> str:
+    """A case-name prefix for --model: the preset name or the directory's base name."""
+    return os.path.basename(os.path.normpath(spec)) or "model"
+
+
+__all__ = ["OPERATORS", "MOGE_OPERATORS", "operator_cases", "model_cases", "parse_ops",
+           "available_operators", "reference_model", "model_command", "model_name_of",
+           "ATTENTION_SCORE_OFFSET"]
