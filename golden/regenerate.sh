@@ -18,8 +18,13 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${1:-$here}"
 python="${PYTHON:-python}"
 
+# OpenBLAS: its most generic x86-64 kernels. NumPy: every dispatched SIMD target off, so only
+# the build's baseline (X86_V2 for NumPy 2.x wheels) runs.
 export OPENBLAS_CORETYPE=Prescott
-export NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4 AVX512_ICL AVX512_SPR"
+NPY_DISABLE_CPU_FEATURES="$("$python" -c 'import numpy
+simd = numpy.show_config(mode="dicts")["SIMD Extensions"]
+print(" ".join(simd.get("found", []) + simd.get("not found", [])))')"
+export NPY_DISABLE_CPU_FEATURES
 
 mkdir -p "$out"
 tmp="$(mktemp -d "$out/.regenerate-XXXXXX")"
