@@ -79,7 +79,7 @@ def execute(nb: nbformat.NotebookNode, timeout: int = CELL_TIMEOUT_S) -> nbforma
 
     env_path = os.path.dirname(sys.executable)
     os.environ["PATH"] = env_path + os.pathsep + os.environ.get("PATH", "")  # the venv's python
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
                             resources={"metadata": {"path": HERE}})
     client.execute()
     return nb
