@@ -38,11 +38,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from .checkpoint import check_all_finite, load_weights
+from .errors import CheckpointError
 from .model import Model
 from .numerics import storage_dtype
 
 PAGE = mmap.PAGESIZE
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.\d+)\.")
 #: /proc/<pid>/status fields reported by `memory_status`, and the keys they get
 STATUS_FIELDS = {"RssAnon": "rss_anon", "RssFile": "rss_file", "RssShmem": "rss_shmem",
                  "VmRSS": "vm_rss", "VmHWM": "vm_hwm"}
@@ -179,10 +181,61 @@ def release(array) -> int:
     return _advise(array, getattr(mmap, "MADV_DONTNEED", None))
 
 
+#: bytes per MADV_WILLNEED call: the kernel reads at most its readahead window (a few MiB)
+#: per call, so a larger range is announced in pieces
+PREFETCH_CHUNK = 8 * 2**20
+
+
 def prefetch(array) -> int:
-    """Ask the kernel to read a memory-mapped array's pages ahead, without waiting
-    (madvise MADV_WILLNEED). Returns the bytes advised."""
-    return _advise(array, getattr(mmap, "MADV_WILLNEED", None))
+    """Ask the kernel to read a memory-mapped array's pages into the page cache without
+    mapping them (madvise MADV_WILLNEED, PREFETCH_CHUNK bytes per call). The calls return
+    once the reads are queued, which can take a while when the disk's queue is full: see
+    `Prefetcher` for doing it on a thread. Returns the bytes advised."""
+    span = _mapped_span(array)
+    advice = getattr(mmap, "MADV_WILLNEED", None)
+    if span is None or advice is None:
+        return 0
+    mapped, start, end = span
+    first = start // PAGE * PAGE
+    for offset in range(first, end, PREFETCH_CHUNK):
+        mapped.madvise(advice, offset, min(PREFETCH_CHUNK, end - offset))
+    return end - first
+
+
+class Prefetcher:
+    """A daemon thread running the jobs handed to `submit`, in order: reading the next layer
+    ahead while this one computes (madvise holds the GIL only per call; NumPy releases it)."""
+
+    def __init__(self):
+        import queue
+
+        self._queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                job()
+            except Exception:  # noqa: BLE001 - a read-ahead is advice: the forward reports errors
+                pass
+            finally:
+                self._queue.task_done()
+
+    def submit(self, job) -> None:
+        """Run job() on the thread (its exceptions are dropped)."""
+        self._queue.put(job)
+
+    def wait(self) -> None:
+        """Until everything submitted has been advised."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
 
 
 def resident_bytes(array) -> int | None:
@@ -211,15 +264,23 @@ class StreamedWeights(Mapping):
     `counts[name]` is how many times the tensor was asked for (`in`, iteration and `len` do
     not count): a test can see that only the routed experts were read. With `check_finite`
     each tensor is checked for NaN/Inf (`refimpl.checkpoint.check_all_finite`, a block at a
-    time) the first time it is asked for.
+    time) the first time it is asked for. With `release_pages`, the pages the check read are
+    released after it (the embedding's check reads the whole table; the lookup needs T rows),
+    and asking for an expert releases the previous expert's pages (the MoE block runs one
+    selected expert at a time), so the file-backed resident set holds one expert, not all the
+    layer's. Releasing is never needed for correctness: a released page is mapped again from
+    the file when read.
     """
 
-    def __init__(self, arrays: dict, check_finite: bool = True):
+    def __init__(self, arrays: dict, check_finite: bool = True, release_pages: bool = True):
         self.arrays = arrays
-        self.check_finite = check_finite
+        self.check_finite, self.release_pages = check_finite, release_pages
         self.counts: dict = {}
         self.checked: set = set()
+        self._checking: dict = {}    # name -> Event while the read-ahead thread checks it
         self._layers: dict = {}
+        self._experts: dict = {}     # 'model.layers.i.mlp.experts.e' -> its tensor names
+        self._expert = None          # the expert asked for last
         self.globals: list = []      # embedding, final norm, LM head
         for name in arrays:
             m = _LAYER_RE.match(name)
@@ -227,13 +288,27 @@ class StreamedWeights(Mapping):
                 self._layers.setdefault(int(m.group(1)), []).append(name)
             else:
                 self.globals.append(name)
+            m = _EXPERT_RE.match(name)
+            if m:
+                self._experts.setdefault(m.group(1), []).append(name)
 
     def __getitem__(self, name):
         array = self.arrays[name]
         self.counts[name] = self.counts.get(name, 0) + 1
         if self.check_finite and name not in self.checked:
+            busy = self._checking.get(name)
+            if busy is not None:  # the read-ahead thread is checking it: wait, do not redo
+                busy.wait()
+        if self.check_finite and name not in self.checked:
             check_all_finite({name: array})
             self.checked.add(name)
+            if self.release_pages:
+                release(array)
+        m = _EXPERT_RE.match(name)
+        if m and self.release_pages:
+            if self._expert not in (None, m.group(1)):
+                self.release(self._experts[self._expert])
+            self._expert = m.group(1)
         return array
 
     def __contains__(self, name):
@@ -259,11 +334,28 @@ class StreamedWeights(Mapping):
     def release_all(self) -> int:
         return self.release(self.arrays)
 
-    def prefetch_layer(self, i: int, experts: bool = False) -> int:
-        """`prefetch` layer i's tensors (without its routed experts unless asked: which of
-        them a forward needs is known only after routing)."""
-        names = [n for n in self.layer_names(i) if experts or ".mlp.experts." not in n]
-        return sum(prefetch(self.arrays[n]) for n in names)
+    def read_ahead(self, names) -> None:
+        """Prepare tensors before they are asked for (run on the `Prefetcher` thread): announce
+        all their pages (`prefetch`), then check each not yet checked for NaN/Inf and release
+        the pages the check read. A tensor that fails the check is left unchecked, so asking
+        for it raises the error in the forward."""
+        for name in names:
+            prefetch(self.arrays[name])
+        if not self.check_finite:
+            return
+        for name in names:
+            if name in self.checked or name in self._checking:
+                continue
+            self._checking[name] = threading.Event()
+            try:
+                check_all_finite({name: self.arrays[name]})
+                self.checked.add(name)
+                if self.release_pages:
+                    release(self.arrays[name])
+            except CheckpointError:
+                pass
+            finally:
+                self._checking.pop(name).set()
 
 
 # ---------------------------------------------------------------------- progress
@@ -363,8 +455,10 @@ class StreamedModel(Model):
         super().__init__(config, weights.arrays, numerics=numerics, backend=backend,
                          lazy=True, check=given is not weights)
         self.weights = weights
+        weights.release_pages = release
         self.progress, self.progress_stream = progress, progress_stream
-        self.release_pages, self.prefetch = release, prefetch
+        self.prefetch = prefetch
+        self._prefetcher = None
         self.stats: dict = {"layer_seconds": [], "memory": []}
         self._bar = None
         self._mark = time.perf_counter()
@@ -376,14 +470,13 @@ class StreamedModel(Model):
                      ProgressBar(n, stream=self.progress_stream, enabled=self.progress))
         self.stats = {"layer_seconds": [], "memory": []}
         start = self._mark = time.perf_counter()
-        if self.prefetch:
-            self.weights.prefetch_layer(0)
+        self._prefetch_layer(0, np.size(token_ids))
         if self._bar:
             self._bar.start()
         try:
             logits = super().forward(token_ids, cache, taps, last_only, progress)
         finally:
-            if self.release_pages:
+            if self.weights.release_pages:
                 self.weights.release(self.weights.globals)
             if self._bar:
                 self._bar.finish()
@@ -394,10 +487,9 @@ class StreamedModel(Model):
 
     def layer(self, i, x, cos, sin, cache=None, record=None):
         """`Model.layer`, then release its pages and account for it."""
-        if self.prefetch and i + 1 < self.config.num_hidden_layers:
-            self.weights.prefetch_layer(i + 1)
+        self._prefetch_layer(i + 1, x.shape[0])
         y = super().layer(i, x, cos, sin, cache, record)
-        if self.release_pages:
+        if self.weights.release_pages:
             self.weights.release_layer(i)
         now = time.perf_counter()
         self.stats["layer_seconds"].append(now - self._mark)
@@ -406,6 +498,29 @@ class StreamedModel(Model):
         if self._bar:
             self._bar.update(i + 1)
         return y
+
+    def _prefetch_layer(self, i: int, tokens: int) -> None:
+        """Have layer i read ahead on the prefetch thread: its dense weights, and its experts
+        too when most of them will be selected; after the last layer, the LM head."""
+        c = self.config
+        if not self.prefetch or i > c.num_hidden_layers:
+            return
+        if self._prefetcher is None:
+            self._prefetcher = Prefetcher()
+        if i == c.num_hidden_layers:
+            names = ["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"]
+        else:
+            experts = self.routes_most_experts(tokens)
+            names = [n for n in self.weights.layer_names(i)
+                     if experts or ".mlp.experts." not in n]
+        self._prefetcher.submit(lambda: self.weights.read_ahead(names))
+
+    def routes_most_experts(self, tokens: int) -> bool:
+        """Whether a forward over `tokens` tokens is expected to select most experts of a
+        layer (tokens x groups >= experts: a prefill, not a decode step), so that reading
+        all of the next layer's experts ahead is worth it."""
+        c = self.config
+        return bool(c.is_moge and tokens * c.num_groups >= c.num_experts)
 
     def __repr__(self):
         return "Streamed" + super().__repr__()
@@ -428,4 +543,4 @@ def load_streamed(path, numerics: str = "bf16", backend: str = "numpy",
 
 __all__ = ["load_streamed", "StreamedModel", "StreamedWeights", "ProgressBar",
            "PeakSampler", "format_progress", "memory_line", "format_size", "format_duration", "memory_status",
-           "reset_peak", "release", "prefetch", "resident_bytes", "STATUS_FIELDS"]
+           "reset_peak", "release", "prefetch", "Prefetcher", "resident_bytes", "STATUS_FIELDS"]

@@ -145,6 +145,63 @@ def test_each_layers_pages_are_unmapped_after_the_layer(wide, release):
     assert (head == 0) if release else (head >= w.arrays["lm_head.weight"].nbytes)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="needs Linux pagemap")
+@pytest.mark.parametrize("release", [True, False])
+def test_asking_for_an_expert_releases_the_previous_experts_pages(wide, release):
+    _, arrays = checkpoint.load_weights(wide)
+    w = streaming.StreamedWeights(arrays, release_pages=release)
+    p = "model.layers.0.mlp.experts."
+    first = [f"{p}0.{k}_proj.weight" for k in ("gate", "up", "down")]
+    touched = sum(float(np.asarray(w[n], dtype=np.float32).sum()) for n in first)
+    assert np.isfinite(touched)
+    resident = [streaming.resident_bytes(arrays[n]) for n in first]
+    if None in resident:
+        pytest.skip("pagemap not readable here")
+    assert min(resident) >= 64 * 1024                      # 64 KiB each, read just now
+    w[f"{p}1.gate_proj.weight"]                            # the MoE block moves on
+    after = [streaming.resident_bytes(arrays[n]) for n in first]
+    assert after == ([0, 0, 0] if release else resident)
+
+
+def test_read_ahead_checks_and_releases_but_leaves_a_bad_tensor_to_the_forward(tmp_path):
+    config = preset("tiny-moge").replace(num_hidden_layers=1)
+    bad = "model.layers.0.self_attn.q_proj.weight"
+    _, arrays = checkpoint.load_weights(_save(tmp_path / "nan", config, poison=bad))
+    w = streaming.StreamedWeights(arrays)
+    names = w.layer_names(0)
+    jobs = streaming.Prefetcher()
+    jobs.submit(lambda: w.read_ahead(names))
+    jobs.submit(lambda: 1 / 0)                  # a failing job does not stop the thread
+    done = []
+    jobs.submit(lambda: done.append(True))
+    jobs.wait()
+    jobs.close()
+    assert done == [True]
+    assert w.checked == set(names) - {bad}
+    with pytest.raises(CheckpointError, match="holds NaN"):
+        w[bad]
+    assert w[names[-1]] is arrays[names[-1]]    # checked ahead: returned as is
+
+
+def test_prefetch_announces_the_whole_array_in_pieces(wide, monkeypatch):
+    _, arrays = checkpoint.load_weights(wide)
+    head = arrays["lm_head.weight"]
+    mapped, start, end = streaming._mapped_span(head)
+    advised = []
+
+    class Spy:  # records the madvise calls, then makes them
+        def madvise(self, advice, offset, length):
+            advised.append((offset, length))
+            mapped.madvise(advice, offset, length)
+
+    monkeypatch.setattr(streaming, "PREFETCH_CHUNK", 64 * 1024)
+    monkeypatch.setattr(streaming, "_mapped_span", lambda a: (Spy(), start, end))
+    nbytes = streaming.prefetch(head)
+    first = start // streaming.PAGE * streaming.PAGE
+    assert nbytes == end - first >= head.nbytes
+    assert advised == [(o, min(64 * 1024, end - o)) for o in range(first, end, 64 * 1024)]
+
+
 def test_release_and_resident_bytes_of_arrays_that_are_not_mapped():
     a = np.ones(10)
     assert streaming.release(a) == 0 and streaming.prefetch(a) == 0
