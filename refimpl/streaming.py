@@ -28,7 +28,6 @@ nothing and the model still runs.
 from __future__ import annotations
 
 import mmap
-import os
 import re
 import sys
 import threading
@@ -320,6 +319,10 @@ class StreamedWeights(Mapping):
     def __len__(self):
         return len(self.arrays)
 
+    def expert_names(self, prefix: str) -> list:
+        """The tensor names of one expert, e.g. prefix 'model.layers.0.mlp.experts.5'."""
+        return list(self._experts.get(prefix, ()))
+
     def layer_names(self, i: int) -> list:
         """The tensor names of layer i (model.layers.{i}.*)."""
         return list(self._layers.get(i, ()))
@@ -439,7 +442,8 @@ class ProgressBar:
 # ---------------------------------------------------------------------- the model
 class StreamedModel(Model):
     """A lazy `refimpl.Model` over `StreamedWeights` that releases each layer's pages after
-    the layer, prefetches the next layer's dense weights, and draws a progress bar.
+    the layer, reads ahead on a thread (the next layer's dense weights when a layer starts,
+    the selected experts as soon as the MoE block has routed), and draws a progress bar.
 
     progress: None (a bar when stderr is a terminal), True (always, on `progress_stream`),
     False (never). After each forward `stats` holds 'layer_seconds', 'head_seconds' (final
@@ -470,7 +474,7 @@ class StreamedModel(Model):
                      ProgressBar(n, stream=self.progress_stream, enabled=self.progress))
         self.stats = {"layer_seconds": [], "memory": []}
         start = self._mark = time.perf_counter()
-        self._prefetch_layer(0, np.size(token_ids))
+        self._read_ahead(self._dense_names(0))
         if self._bar:
             self._bar.start()
         try:
@@ -487,8 +491,8 @@ class StreamedModel(Model):
 
     def layer(self, i, x, cos, sin, cache=None, record=None):
         """`Model.layer`, then release its pages and account for it."""
-        self._prefetch_layer(i + 1, x.shape[0])
-        y = super().layer(i, x, cos, sin, cache, record)
+        self._read_ahead(self._dense_names(i + 1))
+        y = super().layer(i, x, cos, sin, cache, self._routing_hook(i, record))
         if self.weights.release_pages:
             self.weights.release_layer(i)
         now = time.perf_counter()
@@ -499,28 +503,36 @@ class StreamedModel(Model):
             self._bar.update(i + 1)
         return y
 
-    def _prefetch_layer(self, i: int, tokens: int) -> None:
-        """Have layer i read ahead on the prefetch thread: its dense weights, and its experts
-        too when most of them will be selected; after the last layer, the LM head."""
-        c = self.config
-        if not self.prefetch or i > c.num_hidden_layers:
+    def _read_ahead(self, names) -> None:
+        """Have these tensors read (and checked) ahead on the prefetch thread."""
+        if not self.prefetch or not names:
             return
         if self._prefetcher is None:
             self._prefetcher = Prefetcher()
-        if i == c.num_hidden_layers:
-            names = ["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"]
-        else:
-            experts = self.routes_most_experts(tokens)
-            names = [n for n in self.weights.layer_names(i)
-                     if experts or ".mlp.experts." not in n]
         self._prefetcher.submit(lambda: self.weights.read_ahead(names))
 
-    def routes_most_experts(self, tokens: int) -> bool:
-        """Whether a forward over `tokens` tokens is expected to select most experts of a
-        layer (tokens x groups >= experts: a prefill, not a decode step), so that reading
-        all of the next layer's experts ahead is worth it."""
+    def _dense_names(self, i: int) -> list:
+        """Layer i's tensors other than routed experts; for i = layers, the LM head."""
         c = self.config
-        return bool(c.is_moge and tokens * c.num_groups >= c.num_experts)
+        if i == c.num_hidden_layers:
+            return ["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"]
+        return [n for n in self.weights.layer_names(i) if ".mlp.experts." not in n]
+
+    def _routing_hook(self, i: int, record):
+        """A `record` for layer i that, when the MoE block reports its routing
+        (expert_ids), reads the selected experts ahead, and passes everything on to
+        `record` (the taps) if there is one."""
+        if not self.prefetch:
+            return record
+        prefix = f"model.layers.{i}.mlp.experts."
+
+        def hook(name, array):
+            if name == "expert_ids":
+                self._read_ahead([n for e in np.unique(array)
+                                  for n in self.weights.expert_names(f"{prefix}{int(e)}")])
+            if record:
+                record(name, array)
+        return hook
 
     def __repr__(self):
         return "Streamed" + super().__repr__()

@@ -108,6 +108,18 @@ def test_only_the_routed_experts_are_read_once_each(tiny):
     assert all(counts.get(n, 0) >= 1 for n in others)
 
 
+def test_read_ahead_reads_the_selected_experts_only(tiny):
+    """The read-ahead thread learns the routing from the MoE block's expert_ids: it checks
+    (so reads) exactly the tensors the forward uses, never an unselected expert."""
+    model = streaming.load_streamed(tiny, numerics="bf16", progress=False)
+    taps = Taps()
+    model.forward(IDS[:2], taps=taps)
+    model._prefetcher.wait()
+    assert model.weights.checked == set(model.weights.counts)
+    assert sum(".mlp.experts." in n for n in model.weights.checked) < 3 * 3 * 12
+    assert "layers.0.expert_ids" in taps            # the taps still get everything
+
+
 def test_each_tensor_is_checked_for_nan_when_first_used(tmp_path):
     config = preset("tiny-moge").replace(num_hidden_layers=2)
     bad = "model.layers.1.self_attn.o_proj.weight"
