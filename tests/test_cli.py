@@ -151,9 +151,28 @@ def test_a_corrupt_checkpoint_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")),
                     reason="the default model has not landed")
 def test_run_with_no_arguments_uses_the_default_model():
-    result = cli("run", "--max-new-tokens", "4")
+    from refimpl.commands.run import DEFAULT_PROMPT
+    from refimpl.tokenizer import Tokenizer
+
+    result = cli("run")
     assert result.returncode == 0, result.stderr
-    assert "new tokens" in result.stderr.strip().splitlines()[-1]
+    tok = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    ids = tok.encode(DEFAULT_PROMPT)
+    new = expected_new(DEFAULT_MODEL_DIR, ids, 32, tok)
+    assert result.stdout.startswith(DEFAULT_PROMPT)
+    assert result.stdout == tok.decode(ids[1:] + new) + "\n"
+    figures = result.stderr.strip().splitlines()[-1]
+    assert f"prompt tokens {len(ids)} | new tokens " in figures and "fp32, numpy" in figures
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")),
+                    reason="the default model has not landed")
+def test_run_chat_with_the_default_model_and_info():
+    result = cli("run", "--chat", "--max-new-tokens", "8", "--numerics", "bf16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    info = json.loads(cli("info", "--json").stdout)
+    assert info["stored"]["tokenizer"] and info["family"] == "dense"
 
 
 # ---------------------------------------------------------------------- with a tokenizer
