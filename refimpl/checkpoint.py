@@ -28,7 +28,7 @@ import numpy as np
 from .config import PRESET_NAMES, ModelConfig, preset, weight_shapes
 from .errors import CheckpointError, ConfigError
 from .numerics import storage_dtype
-from .safetensors_io import is_memory_mapped, read_header, read_safetensors, write_safetensors
+from .safetensors_io import is_memory_mapped, read_safetensors, write_safetensors
 from .weights import check_finite, check_weights
 
 CONFIG_NAME = "config.json"
