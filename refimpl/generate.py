@@ -19,9 +19,9 @@ def generate(model, prompt_ids, max_new_tokens: int = 32, temperature: float = 0
     rng = np.random.default_rng(seed)
     cache = model.new_cache(capacity=len(prompt_ids) + max_new_tokens)
     logits = model.forward(np.asarray(prompt_ids), cache, last_only=True)  # [1, V]
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         token = sample(logits[-1], temperature, top_k, top_p, rng)
         yield token
-        if stop_at_eos and token == eos_id:
-            return
+        if (stop_at_eos and token == eos_id) or step == max_new_tokens - 1:
+            return  # no forward for a token nobody will ask for
         logits = model.forward(np.array([token]), cache, last_only=True)

@@ -149,6 +149,15 @@ def test_generation_greedy_sampled_and_eos():
     for _ in range(6):
         seq.append(int(np.argmax(model.forward(seq)[-1])))
     assert greedy == seq[3:]
+    # the generator runs no forward after the last token
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    try:
+        assert len(list(refimpl.generate(model, [1, 5], max_new_tokens=3, stop_at_eos=False))) == 3
+    finally:
+        del model.forward
+    assert len(calls) == 3  # the prefill and two decode steps
     eos = greedy[-1]
     stop = list(refimpl.generate(model, [1, 5, 9], max_new_tokens=6, eos_id=eos))
     assert stop == greedy[:greedy.index(eos) + 1]
