@@ -26,7 +26,6 @@ import os
 import re
 import secrets
 import shutil
-import struct
 import sys
 from dataclasses import dataclass, field
 
@@ -34,7 +33,9 @@ import ml_dtypes
 import numpy as np
 
 from . import numerics
-from .errors import RefimplError
+from .errors import CheckpointError, RefimplError
+from .safetensors_io import DTYPES as _DTYPE_BY_CODE
+from .safetensors_io import read_safetensors, write_safetensors
 
 FORMAT_NAME = "refimpl-golden"
 FORMAT_VERSION = 1
@@ -48,9 +49,6 @@ EXPORTS = ("npy", "bin")
 #: dtype name -> safetensors dtype code (all little-endian)
 SAFETENSORS_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32",
                      "float64": "F64", "int64": "I64", "int32": "I32"}
-_DTYPE_BY_CODE = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"),
-                  "F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8"),
-                  "I32": np.dtype("<i4")}
 
 #: torch.testing.assert_close defaults by dtype (GOLDEN-PRACTICE.md): (rtol, atol)
 DEFAULT_TOLERANCES = {"float16": (1e-3, 1e-5), "bfloat16": (1.6e-2, 1e-5),
@@ -60,7 +58,6 @@ DEFAULT_K = 2.0
 CRITERIA = ("allclose", "double-thousandth", "ascend", "k-error")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-_HEADER_LIMIT = 100_000_000
 
 
 class GoldenError(RefimplError):
@@ -163,61 +160,18 @@ def write_tensors_file(path: str, tensors: list) -> None:
     """Write [(name, array)] as a safetensors file (tensors ordered by alignment, largest
     itemsize first, then as given, so each starts aligned; header padded to 8 bytes)."""
     order = sorted(range(len(tensors)), key=lambda i: (-tensors[i][1].dtype.itemsize, i))
-    header, offset = {"__metadata__": {"format": FORMAT_NAME}}, 0
-    for i in order:
-        name, array = tensors[i]
-        nbytes = array.size * array.dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_CODES[dtype_name(array.dtype)],
-                        "shape": [int(s) for s in array.shape],
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for i in order:
-            fh.write(raw_bytes(tensors[i][1]))
+    arrays = {tensors[i][0]: tensors[i][1] for i in order}
+    specs = {name: (a.shape, a.dtype) for name, a in arrays.items()}
+    write_safetensors(path, specs, arrays.__getitem__, metadata={"format": FORMAT_NAME})
 
 
 def read_tensors_file(path: str) -> dict:
     """name -> array of a safetensors file (BF16/F16/F32/F64/I64/I32); GoldenError (one line
     naming the file) when it is missing, truncated or its header is corrupt."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise GoldenError(f"{path}: truncated safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > _HEADER_LIMIT or 8 + n > size:
-                raise GoldenError(f"{path}: corrupt safetensors header (length {n} bytes in a "
-                                  f"{size}-byte file)")
-            header = json.loads(fh.read(n).decode("utf-8"))
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-            out = {}
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = _DTYPE_BY_CODE.get(info.get("dtype"))
-                if dtype is None:
-                    raise ValueError(f"tensor {name} has unsupported dtype {info.get('dtype')!r}")
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-                count = int(np.prod(shape, dtype=np.int64))
-                if end - begin != count * dtype.itemsize or 8 + n + end > size:
-                    raise ValueError(f"tensor {name} offsets [{begin}, {end}] do not hold "
-                                     f"shape {list(shape)} of {dtype.name} in the file")
-                fh.seek(8 + n + begin)
-                out[name] = np.fromfile(fh, dtype=dtype, count=count).reshape(shape)
-            return out
-    except FileNotFoundError:
-        raise GoldenError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise GoldenError(f"{path}: is a directory, not a safetensors file") from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as exc:
-        raise GoldenError(f"{path}: corrupt safetensors file ({exc})") from None
+        return read_safetensors(path)
+    except CheckpointError as exc:
+        raise GoldenError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------- cases

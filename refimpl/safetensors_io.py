@@ -37,6 +37,8 @@ DTYPES = {
     "F16": np.dtype("<f2"),
     "F32": np.dtype("<f4"),
     "F64": np.dtype("<f8"),
+    "I64": np.dtype("<i8"),  # token ids and expert ids in golden cases
+    "I32": np.dtype("<i4"),
 }
 _CODES = {dt: code for code, dt in DTYPES.items()}
 #: refuse headers larger than this (the reference implementation's limit is 100 MB)
