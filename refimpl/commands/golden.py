@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..checkpoint import is_checkpoint_dir, load_model, model_config
+from ..checkpoint import is_checkpoint_dir, model_config
 from ..config import PRESET_NAMES, preset
 from ..errors import InputError
 from ..golden import OPERATORS, model_cases, model_command, model_name_of, operator_cases, \
@@ -92,7 +92,11 @@ def _model_mode(args, export) -> list:
         raise InputError("--model needs --token-ids 1,2,3 or --prompt TEXT")
     layers = _parse_list(args.layers, "--layers") if args.layers is not None else None
     if is_checkpoint_dir(args.model):
-        model = load_model(args.model, numerics=args.numerics)
+        from ..streaming import load_streamed
+
+        # one layer at a time, pages released after each, only routed experts read, NaN
+        # checked at first use: a checkpoint larger than memory works (docs/streaming.md)
+        model = load_streamed(args.model, numerics=args.numerics)
         source = {"kind": "checkpoint", "path": args.model}
         seed = None
     else:
