@@ -16,7 +16,9 @@ Element kinds are chosen from the Numba array dtype at compile time:
 ``sum_k A[i, k] * B[j, k]`` (row i of A at element a_off + i*a_ld, row j of B at
 b_off + j*b_ld, k < n) as a tuple in row-major (i, j) order. Every product sum is formed the
 same way whatever MR, NR: lane l (of 16, or 8 for float64) accumulates k = l, l+16, ...
-with a fused multiply-add (`llvm.fma`, one IEEE rounding per step, not a fast-math flag);
+with a fused multiply-add (`llvm.fma`, one IEEE rounding per step, not a fast-math flag)
+(when both operands are bfloat16, steps of 32: lane l accumulates k = 2l then 2l+1, then
+32+2l, 32+2l+1, ..., since a 32-bit word widens to two floats with one shift or mask);
 the lanes are added in a fixed pairwise tree (0..7 + 8..15, then halves again); the last
 n mod 16 products are added in order with fma. So a dot product is bit-identical whether it
 is computed in a 4x4 tile (prefill) or alone (decode).
@@ -98,6 +100,18 @@ def _load(builder, ptr, off, n, kind, acc_ll):
     return val
 
 
+def _load_bf16_pairs(builder, ptr, off, n):
+    """2n bfloat16 values at element offset `off` as (even elements, odd elements), each
+    <n x float>: one 32-bit word holds elements 2i (low half) and 2i+1 (high half), so each
+    widening is a single shift or mask, with no shuffle."""
+    p = builder.bitcast(builder.gep(ptr, [off], inbounds=True), ir.VectorType(I32, n).as_pointer())
+    words = builder.load(p, align=2)
+    even = builder.shl(words, _splat(I32, 16, n))
+    odd = builder.and_(words, _splat(I32, 0xFFFF0000, n))
+    vf = ir.VectorType(F32, n)
+    return builder.bitcast(even, vf), builder.bitcast(odd, vf)
+
+
 def _abi(elt):
     return 4 if elt == F32 else 8
 
@@ -142,19 +156,34 @@ def _make_dot(MR: int, NR: int):
                       for i in range(MR)]
             b_rows = [builder.add(b_off_, builder.mul(b_ld_, ir.Constant(I64, j)))
                       for j in range(NR)]
-            nchunk = builder.sdiv(n_, ir.Constant(I64, lanes))
+            pairs = ka == kb == "bf16"
+            step = 2 * lanes if pairs else lanes
+            nchunk = builder.sdiv(n_, ir.Constant(I64, step))
             with cgutils.for_range(builder, nchunk) as loop:
-                k = builder.mul(loop.index, ir.Constant(I64, lanes))
-                av = [_load(builder, ap, builder.add(r, k), lanes, ka, acc_ll) for r in a_rows]
-                bv = [_load(builder, bp, builder.add(r, k), lanes, kb, acc_ll) for r in b_rows]
+                k = builder.mul(loop.index, ir.Constant(I64, step))
+                # all of B's rows, then A's rows one by one (MR*NR + NR + 1 live vectors)
+                if pairs:
+                    bv = [_load_bf16_pairs(builder, bp, builder.add(r, k), lanes) for r in b_rows]
+                else:
+                    bv = [_load(builder, bp, builder.add(r, k), lanes, kb, acc_ll) for r in b_rows]
+                av = [None] * MR
                 for i in range(MR):
+                    if pairs:
+                        av[i] = _load_bf16_pairs(builder, ap, builder.add(a_rows[i], k), lanes)
+                    else:
+                        av[i] = _load(builder, ap, builder.add(a_rows[i], k), lanes, ka, acc_ll)
                     for j in range(NR):
                         slot = accs[i * NR + j]
-                        builder.store(builder.call(vfma, [av[i], bv[j], builder.load(slot)]),
-                                      slot)
+                        acc = builder.load(slot)
+                        if pairs:   # even elements of the 2*lanes, then odd ones
+                            acc = builder.call(vfma, [av[i][0], bv[j][0], acc])
+                            acc = builder.call(vfma, [av[i][1], bv[j][1], acc])
+                        else:
+                            acc = builder.call(vfma, [av[i], bv[j], acc])
+                        builder.store(acc, slot)
             sums = [cgutils.alloca_once_value(builder, _tree_sum(builder, builder.load(s), lanes))
                     for s in accs]
-            start = builder.mul(nchunk, ir.Constant(I64, lanes))
+            start = builder.mul(nchunk, ir.Constant(I64, step))
             with cgutils.for_range_slice(builder, start, n_, ir.Constant(I64, 1), inc=True) as (kk, _):
                 av = [_load(builder, ap, builder.add(r, kk), 1, ka, acc_ll) for r in a_rows]
                 bv = [_load(builder, bp, builder.add(r, kk), 1, kb, acc_ll) for r in b_rows]
@@ -176,6 +205,7 @@ dot_1x1 = _make_dot(1, 1)
 dot_1x4 = _make_dot(1, 4)
 dot_4x1 = _make_dot(4, 1)
 dot_4x4 = _make_dot(4, 4)
+
 
 
 @intrinsic
@@ -210,6 +240,77 @@ def axpy(typingctx, y, y_off, alpha, x, x_off, n):
             xs = _load(builder, xp, builder.add(x_off_, kk), 1, kx, acc_ll)
             yptr = builder.gep(yp, [builder.add(y_off_, kk)], inbounds=True)
             builder.store(builder.call(sfma, [alpha_, xs, builder.load(yptr)]), yptr)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def axpy_rows(typingctx, y, y_off, p, p_off, x, x_off, x_ld, nrows, n):
+    """For r = 0 .. nrows-1 in order: y[y_off + i] = fma(p[p_off + r],
+    widen(x[x_off + r*x_ld + i]), y[y_off + i]) for i < n.
+
+    Exactly `nrows` successive `axpy` calls (same roundings, same order per element), but y
+    stays in registers across the rows, 64 elements at a time (P @ V of attention).
+    """
+    ky, kp, kx = _kind(y), _kind(p), _kind(x)
+    acc_ty, acc_ll, lanes = _acc_of(ky, kx)
+    if ky not in ("f32", "f64") or kp != ky:
+        raise TypingError("refimpl.kernels.axpy_rows: y and p must share float32 or float64")
+    sig = types.void(y, types.intp, p, types.intp, x, types.intp, types.intp, types.intp,
+                     types.intp)
+    CH = 4  # vectors of y held in registers
+
+    def codegen(context, builder, signature, args):
+        y_, y_off_, p_, p_off_, x_, x_off_, x_ld_, nrows_, n_ = args
+        yp = context.make_array(signature.args[0])(context, builder, y_).data
+        pp = context.make_array(signature.args[2])(context, builder, p_).data
+        xp = context.make_array(signature.args[4])(context, builder, x_).data
+        vt = ir.VectorType(acc_ll, lanes)
+        vfma = _fma_fn(builder.module, vt)
+        sfma = _fma_fn(builder.module, acc_ll)
+        align = _abi(acc_ll)
+
+        def splat(s):
+            one = builder.insert_element(ir.Constant(vt, ir.Undefined), s, ir.Constant(I32, 0))
+            return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, lanes),
+                                                                [0] * lanes))
+
+        def run_block(base, width):  # y[base : base + width*lanes] through all rows
+            slots = [cgutils.alloca_once(builder, vt) for _ in range(width)]
+            yptrs = [builder.bitcast(builder.gep(yp, [builder.add(y_off_, builder.add(
+                base, ir.Constant(I64, c * lanes)))], inbounds=True), vt.as_pointer())
+                for c in range(width)]
+            for c in range(width):
+                builder.store(builder.load(yptrs[c], align=align), slots[c])
+            with cgutils.for_range(builder, nrows_) as rl:
+                r = rl.index
+                pr = splat(builder.load(builder.gep(pp, [builder.add(p_off_, r)], inbounds=True)))
+                row = builder.add(x_off_, builder.mul(r, x_ld_))
+                for c in range(width):
+                    xv = _load(builder, xp, builder.add(row, builder.add(
+                        base, ir.Constant(I64, c * lanes))), lanes, kx, acc_ll)
+                    builder.store(builder.call(vfma, [pr, xv, builder.load(slots[c])]), slots[c])
+            for c in range(width):
+                builder.store(builder.load(slots[c]), yptrs[c], align=align)
+
+        big = CH * lanes
+        nbig = builder.sdiv(n_, ir.Constant(I64, big))
+        with cgutils.for_range(builder, nbig) as bl:
+            run_block(builder.mul(bl.index, ir.Constant(I64, big)), CH)
+        done = builder.mul(nbig, ir.Constant(I64, big))
+        nvec = builder.sdiv(builder.sub(n_, done), ir.Constant(I64, lanes))
+        with cgutils.for_range(builder, nvec) as vl:
+            run_block(builder.add(done, builder.mul(vl.index, ir.Constant(I64, lanes))), 1)
+        start = builder.add(done, builder.mul(nvec, ir.Constant(I64, lanes)))
+        with cgutils.for_range_slice(builder, start, n_, ir.Constant(I64, 1), inc=True) as (i, _):
+            ypt = builder.gep(yp, [builder.add(y_off_, i)], inbounds=True)
+            with cgutils.for_range(builder, nrows_) as rl:
+                r = rl.index
+                pr = builder.load(builder.gep(pp, [builder.add(p_off_, r)], inbounds=True))
+                xs = _load(builder, xp, builder.add(builder.add(x_off_, builder.mul(r, x_ld_)), i),
+                           1, kx, acc_ll)
+                builder.store(builder.call(sfma, [pr, xs, builder.load(ypt)]), ypt)
         return context.get_dummy_value()
 
     return sig, codegen

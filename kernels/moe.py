@@ -10,7 +10,7 @@ from refimpl import ops as spec
 from refimpl.errors import InputError
 from refimpl.numerics import to_accum
 
-from ._dtypes import acc_np, acc_zero, check_dtype, empty, ld, like, parallel, raw, rnd, st
+from ._dtypes import acc_np, acc_zero, check_dtype, empty, ld, like, parallel, raw, rnd, st, vexp
 from .linear import linear
 from .mlp import swiglu
 
@@ -30,7 +30,7 @@ def _route_token(logits, scale, G, t, ids, weights):
     m = p.max()
     tot = like(0.0, m)
     for e in range(E):
-        p[e] = np.exp(p[e] - m)
+        p[e] = vexp(p[e] - m)
         tot += p[e]
     for e in range(E):
         p[e] = p[e] / tot

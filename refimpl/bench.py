@@ -577,6 +577,8 @@ def bench_e2e(args, out: dict) -> None:
     configs = [("numba", "bf16"), ("numba", "fp32"), ("numpy", "fp32")]
     if torch_or_none() is not None:
         configs += [("torch", "fp32"), ("torch", "bf16")]
+    if args.configs:
+        configs = [tuple(c.split(":")) for c in args.configs.split(",")]
     print(f"  {'backend':<6} {'dtype':<5} {'prefill128':>10} {'prefill512':>10} {'decode':>10} "
           f"{'tok/s':>8} {'RSS load':>9} {'RSS peak':>9}")
     print(f"  {'':<6} {'':<5} {'s':>10} {'s':>10} {'ms/token':>10} {'':>8} {'GiB':>9} {'GiB':>9}",
@@ -699,6 +701,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--numerics", choices=["fp32", "bf16", "fp16", "fp64"], default="bf16",
                    help="storage dtype of the ops and moe sections (default bf16)")
     p.add_argument("--json", help="also write every figure to this JSON file")
+    p.add_argument("--configs", help="e2e only these BACKEND:NUMERICS, comma-separated "
+                   "(default numba:bf16,numba:fp32,numpy:fp32,torch:fp32,torch:bf16)")
 
 
 def _worker_main(argv) -> int:
