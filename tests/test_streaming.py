@@ -394,3 +394,10 @@ def test_golden_model_cases_from_a_checkpoint_hold_the_moe_intermediates(tiny, t
     for name in names:
         assert np.array_equal(_bits(layer[f"layers.1.{name}"]), _bits(taps[f"layers.1.{name}"]))
     assert not any(n.startswith("model.layers.") for n in layer)   # --no-weights
+
+
+def test_docs_state_the_block_and_prefetch_sizes_of_the_code():
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "streaming.md"),
+               encoding="utf-8").read()
+    assert basic.LINEAR_BLOCK_BYTES == 256 * 2**20 and "(256 MiB)" in doc
+    assert streaming.PREFETCH_CHUNK == 8 * 2**20 and "in 8 MiB pieces" in doc
