@@ -187,7 +187,7 @@ assert all(np.bincount(r // S, minlength=G).max() == 1 for r in ids)
 # ## Random routers and skewed routers
 #
 # How unbalanced top-8 is depends on the router and on the hidden states, not on the
-# formula. Two regimes, over batch sizes from 8 to 4096 tokens:
+# formula. Two regimes, over batch sizes from 8 to 2048 tokens:
 #
 # * **Unbiased**: isotropic hidden states (`common = 0`) with a random router. No expert is
 #   preferred on average, so each device's load is a sum of independent per-token counts and
@@ -198,7 +198,7 @@ assert all(np.bincount(r // S, minlength=G).max() == 1 for r in ids)
 #   top-8's spread stops shrinking with the batch. MoGE stays at exactly 0%.
 
 # %%
-batch_sizes = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+batch_sizes = [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
 shared_unit = shared / np.linalg.norm(shared)
 # a router "trained" to prefer some experts: rows tilted towards the shared direction, by
 # amounts chosen to add a per-expert logit offset of standard deviation 1 on these states
@@ -265,7 +265,7 @@ plt.tight_layout()
 #   formula, which refimpl's `moge_route` implements and the assertions above check.
 # * Global top-8's spread depends entirely on the router and the states it sees. For an
 #   unbiased random router on isotropic states it falls like $1/\sqrt{T}$ (about 30% for 8
-#   tokens, 1.4% for 4096). Once the router systematically prefers some experts (a
+#   tokens, 1.4% for 2048). Once the router systematically prefers some experts (a
 #   per-expert logit offset of 0.5 to 1, from a shared direction in the hidden states or from
 #   tilted router rows), it plateaus at 20 to 60% however large the batch (printed above). A
 #   top-K baseline of 28% is what a moderately skewed router gives.

@@ -31,12 +31,12 @@ COLOR = {"fp32": "C0", "bf16": "C3", "fp16": "C2"}
 # ## One set of weights, four modes
 #
 # The real embedded-1b layer shapes (hidden 1536, 12 query / 6 KV heads of 128, MLP 6144) with
-# 8 layers instead of 26 and a 16k vocabulary instead of 153k, to stay quick. The weights are
+# 6 layers instead of 26 and a 16k vocabulary instead of 153k, to stay quick. The weights are
 # seeded random values **rounded to bf16 once**, as in a bf16 checkpoint, so every mode
 # starts from exactly the same numbers and all the differences below are arithmetic.
 
 # %%
-cfg = refimpl.preset("embedded-1b", num_hidden_layers=8, vocab_size=16384, eos_token_id=2)
+cfg = refimpl.preset("embedded-1b", num_hidden_layers=6, vocab_size=16384, eos_token_id=2)
 weights = refimpl.random_weights(cfg, seed=0, dtype=bfloat16)           # a "bf16 checkpoint"
 weights = {n: w.astype(np.float32) for n, w in weights.items()}         # same values (exact), and
                                                                         # float32 -> float64 is fast
