@@ -14,14 +14,20 @@ Conventions (see each module's docstring for its kernel):
   to float32 in registers and rounded back to nearest even; float64 stays float64.
 * The cast points of `refimpl.numerics` are followed wherever they are observable; the only
   deliberate difference is the flash attention prefill (`attention`), which keeps the
-  softmax probabilities in float32.
+  softmax probabilities in float32 (normwise 7e-3 from the spec in bf16, ~2 bf16 ulps).
+  Otherwise kernel and spec differ only in the order of long sums and in exp (the kernels'
+  float32 `exp32`, within 1 ulp, against NumPy's).
 * No fast-math. Dot products use explicit vector code (`_vec`) with a fixed summation order
   and IEEE fused multiply-add, so a result does not depend on the thread count, on the tile
   it was computed in, or on the compiler's choices. Threads split only independent outputs.
-* `cache=True` everywhere: the first call of each kernel per dtype compiles (seconds; see
-  `python -m refimpl bench`), later processes load the cache from kernels/__pycache__.
-  Numba's cache does not notice edits to helper modules (`_vec`, `_dtypes`): delete
-  kernels/__pycache__ after changing them.
+  No BLAS either (see `linear`).
+* `cache=True` everywhere: the first call of the kernels of a dtype compiles them (about
+  25-35 s per dtype here; `python -m refimpl bench --only compile`), later processes load
+  them from the cache in kernels/__pycache__ (about 0.1 s). Numba's cache does not notice
+  edits to helper modules (`_vec`, `_dtypes`): delete kernels/__pycache__ after changing
+  them.
+* Small calls (less than `_dtypes.PARALLEL_MIN_WORK` operations) run on the calling thread;
+  REFIMPL_PARALLEL_MIN_WORK=0 forces every kernel onto the thread pool.
 * Unusual dtype mixes or shapes (where a kernel could not reproduce the spec exactly) fall
   back to the spec operator.
 """

@@ -23,8 +23,9 @@ the lanes are added in a fixed pairwise tree (0..7 + 8..15, then halves again); 
 n mod 16 products are added in order with fma. So a dot product is bit-identical whether it
 is computed in a 4x4 tile (prefill) or alone (decode).
 
-`axpy(y, y_off, alpha, x, x_off, n)`: y[y_off + i] = fma(alpha, widen(x[x_off + i]), y[...]),
-elementwise (order-free), y in the accumulation dtype.
+`axpy_rows(y, y_off, p, p_off, x, x_off, x_ld, nrows, n)`: y[y_off + i] += p[p_off + r] *
+widen(x[x_off + r*x_ld + i]) for r = 0, 1, ... in order, one fma per step, elementwise in i
+(vector lanes run along i, y stays in registers across the rows).
 
 Callers guarantee C-contiguous arrays and in-range offsets: there is no bounds check.
 """
@@ -209,49 +210,13 @@ dot_4x4 = _make_dot(4, 4)
 
 
 @intrinsic
-def axpy(typingctx, y, y_off, alpha, x, x_off, n):
-    """y[y_off:y_off+n] = fma(alpha, widen(x[x_off:x_off+n]), y[...]) (elementwise)."""
-    ky, kx = _kind(y), _kind(x)
-    acc_ty, acc_ll, lanes = _acc_of(ky, kx)
-    if ky not in ("f32", "f64"):
-        raise TypingError("refimpl.kernels.axpy: y must be float32 or float64")
-    sig = types.void(y, types.intp, acc_ty, x, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        y_, y_off_, alpha_, x_, x_off_, n_ = args
-        yp = context.make_array(signature.args[0])(context, builder, y_).data
-        xp = context.make_array(signature.args[3])(context, builder, x_).data
-        vt = ir.VectorType(acc_ll, lanes)
-        vfma = _fma_fn(builder.module, vt)
-        sfma = _fma_fn(builder.module, acc_ll)
-        one = builder.insert_element(ir.Constant(vt, ir.Undefined), alpha_, ir.Constant(I32, 0))
-        valpha = builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, lanes),
-                                                              [0] * lanes))
-        nchunk = builder.sdiv(n_, ir.Constant(I64, lanes))
-        with cgutils.for_range(builder, nchunk) as loop:
-            k = builder.mul(loop.index, ir.Constant(I64, lanes))
-            xv = _load(builder, xp, builder.add(x_off_, k), lanes, kx, acc_ll)
-            yptr = builder.bitcast(builder.gep(yp, [builder.add(y_off_, k)], inbounds=True),
-                                   vt.as_pointer())
-            yv = builder.load(yptr, align=_abi(acc_ll))
-            builder.store(builder.call(vfma, [valpha, xv, yv]), yptr, align=_abi(acc_ll))
-        start = builder.mul(nchunk, ir.Constant(I64, lanes))
-        with cgutils.for_range_slice(builder, start, n_, ir.Constant(I64, 1), inc=True) as (kk, _):
-            xs = _load(builder, xp, builder.add(x_off_, kk), 1, kx, acc_ll)
-            yptr = builder.gep(yp, [builder.add(y_off_, kk)], inbounds=True)
-            builder.store(builder.call(sfma, [alpha_, xs, builder.load(yptr)]), yptr)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
 def axpy_rows(typingctx, y, y_off, p, p_off, x, x_off, x_ld, nrows, n):
     """For r = 0 .. nrows-1 in order: y[y_off + i] = fma(p[p_off + r],
     widen(x[x_off + r*x_ld + i]), y[y_off + i]) for i < n.
 
-    Exactly `nrows` successive `axpy` calls (same roundings, same order per element), but y
-    stays in registers across the rows, 64 elements at a time (P @ V of attention).
+    The same roundings and order per element as `nrows` successive elementwise updates, but
+    y stays in registers across the rows, 64 elements at a time (P @ V and q . K of
+    attention).
     """
     ky, kp, kx = _kind(y), _kind(p), _kind(x)
     acc_ty, acc_ll, lanes = _acc_of(ky, kx)

@@ -46,8 +46,8 @@ TOKEN_BLOCK_BYTES = 512 * 1024
 #: tile shape of the prefill kernel: MR tokens x NR weight rows
 MR, NR = 4, 4
 
-#: weight rows per decode work item (gate rows then up rows stream in runs of this many)
-ROW_CHUNK = 32
+#: decode: gate rows then up rows stream in runs of this many rows
+ROW_RUN = 256
 
 MODE_LINEAR, MODE_GATE_UP = 0, 1
 
@@ -102,22 +102,26 @@ def _row_block(x, w, w2, b, mode, t0, t1, blk, nbf, r1, r2, out):
 
 
 @numba.njit(cache=True)
-def _rows_streamed(x, w, w2, b, mode, n0, n1, g, u, out):
+def _rows_streamed(x, w, w2, b, mode, n0, n1, out):
     """Rows n0..n1-1 one at a time, every token (few) against the row while it is in L1;
     with two weights, all rows of w first, then those of w2 (one sequential stream at a
-    time). g/u hold [n1 - n0, M] products."""
+    time), ROW_RUN rows at a time."""
     M, K = x.shape
-    for n in range(n0, n1):
-        for t in range(M):
-            g[(n - n0) * M + t] = dot_1x1(x, t * K, 0, w, n * K, 0, K)[0]
-    if mode == MODE_GATE_UP:
-        for n in range(n0, n1):
+    g = np.empty(ROW_RUN * M, b.dtype)
+    u = np.empty(ROW_RUN * M, b.dtype)
+    for r0 in range(n0, n1, ROW_RUN):
+        r1 = min(n1, r0 + ROW_RUN)
+        for n in range(r0, r1):
             for t in range(M):
-                u[(n - n0) * M + t] = dot_1x1(x, t * K, 0, w2, n * K, 0, K)[0]
-    for n in range(n0, n1):
-        for t in range(M):
-            i = (n - n0) * M + t
-            _flush(out, t, n, 1, 1, g[i:i + 1], u[i:i + 1], b, mode)
+                g[(n - r0) * M + t] = dot_1x1(x, t * K, 0, w, n * K, 0, K)[0]
+        if mode == MODE_GATE_UP:
+            for n in range(r0, r1):
+                for t in range(M):
+                    u[(n - r0) * M + t] = dot_1x1(x, t * K, 0, w2, n * K, 0, K)[0]
+        for n in range(r0, r1):
+            for t in range(M):
+                i = (n - r0) * M + t
+                _flush(out, t, n, 1, 1, g[i:i + 1], u[i:i + 1], b, mode)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -129,17 +133,12 @@ def _gemm(x, w, w2, b, mode, tb, par, nthreads, out):
     M = x.shape[0]
     N = w.shape[0]
     if M < MR:                      # decode: stream each weight row once
-        nchunks = (N + ROW_CHUNK - 1) // ROW_CHUNK
-        if par:
-            for c in prange(nchunks):
-                g, u = np.empty(ROW_CHUNK * M, b.dtype), np.empty(ROW_CHUNK * M, b.dtype)
-                _rows_streamed(x, w, w2, b, mode, c * ROW_CHUNK, min(N, c * ROW_CHUNK + ROW_CHUNK),
-                               g, u, out)
+        if par:  # worker k owns rows [k N / nw, (k+1) N / nw): one sequential stream per weight
+            nw = max(1, min(nthreads, N // 16))
+            for k in prange(nw):
+                _rows_streamed(x, w, w2, b, mode, k * N // nw, (k + 1) * N // nw, out)
         else:
-            g, u = np.empty(ROW_CHUNK * M, b.dtype), np.empty(ROW_CHUNK * M, b.dtype)
-            for c in range(nchunks):
-                _rows_streamed(x, w, w2, b, mode, c * ROW_CHUNK, min(N, c * ROW_CHUNK + ROW_CHUNK),
-                               g, u, out)
+            _rows_streamed(x, w, w2, b, mode, 0, N, out)
         return
     nbf = N // NR
     nblocks = nbf + (N - NR * nbf)
