@@ -1,6 +1,7 @@
 """Streaming a checkpoint layer by layer (refimpl.streaming): exact results, only routed
 experts read, pages released after each layer, bounded anonymous memory, progress output."""
 
+import gc
 import io
 import os
 import tracemalloc
@@ -250,11 +251,17 @@ def test_memory_status_and_peak_sampler():
     assert set(status) == set(streaming.STATUS_FIELDS.values())
     assert status["vm_rss"] >= status["rss_anon"] > 0 and status["vm_hwm"] >= status["vm_rss"]
     sampler = streaming.PeakSampler(interval=10.0)  # the thread never wakes: samples by hand
-    with sampler:
-        block = np.ones(64 * 2**20 // 8)             # 64 MiB, touched
-        sampler.sample()
-        del block
-    assert sampler.peak["rss_anon"] >= status["rss_anon"] + 60 * 2**20
+    gc.collect()
+    gc.disable()  # no collection of earlier garbage between the baseline and the sample
+    try:
+        with sampler:
+            before = streaming.memory_status()["rss_anon"]
+            block = np.ones(64 * 2**20 // 8)         # 64 MiB, touched
+            sampler.sample()
+            del block
+    finally:
+        gc.enable()
+    assert sampler.peak["rss_anon"] >= before + 60 * 2**20
     assert streaming.memory_status("no-such-pid") == {}
     assert "VmHWM" in streaming.memory_line(status)
 
