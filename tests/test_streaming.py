@@ -1,7 +1,6 @@
 """Streaming a checkpoint layer by layer (refimpl.streaming): exact results, only routed
 experts read, pages released after each layer, bounded anonymous memory, progress output."""
 
-import gc
 import io
 import os
 import tracemalloc
@@ -244,24 +243,21 @@ def test_anonymous_memory_of_a_streamed_forward_is_bounded(wide, monkeypatch, bl
         assert peak > head_f32, peak
 
 
-def test_memory_status_and_peak_sampler():
+def test_memory_status_and_peak_sampler(monkeypatch):
     status = streaming.memory_status()
     if not status:
         pytest.skip("no /proc/self/status")
     assert set(status) == set(streaming.STATUS_FIELDS.values())
     assert status["vm_rss"] >= status["rss_anon"] > 0 and status["vm_hwm"] >= status["vm_rss"]
+    # The peak logic, on scripted readings: /proc's RssAnon of a multi-threaded process (torch
+    # loaded by other tests) is a per-CPU-batched counter that can lag a 64 MiB allocation.
+    readings = iter([{"rss_anon": 100}, {"rss_anon": 900}, {"rss_anon": 300}])
+    monkeypatch.setattr(streaming, "memory_status", lambda pid="self": next(readings))
     sampler = streaming.PeakSampler(interval=10.0)  # the thread never wakes: samples by hand
-    gc.collect()
-    gc.disable()  # no collection of earlier garbage between the baseline and the sample
-    try:
-        with sampler:
-            before = streaming.memory_status()["rss_anon"]
-            block = np.ones(64 * 2**20 // 8)         # 64 MiB, touched
-            sampler.sample()
-            del block
-    finally:
-        gc.enable()
-    assert sampler.peak["rss_anon"] >= before + 60 * 2**20
+    with sampler:                                    # start samples once, stop once
+        sampler.sample()
+    assert sampler.peak == {"rss_anon": 900} and sampler.samples == 3
+    monkeypatch.undo()
     assert streaming.memory_status("no-such-pid") == {}
     assert "VmHWM" in streaming.memory_line(status)
 
