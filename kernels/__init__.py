@@ -5,7 +5,7 @@
 
 Accelerated: linear, rms_norm, apply_rope, attention, add, swiglu, moge_route, moe_block.
 Re-exported from the spec unchanged: embedding (a gather), softmax, silu, rope_tables,
-rotate_half, apply_rope_interleaved, causal_mask, sample.
+rotate_half, apply_rope_interleaved, causal_mask, sample, near_ties, routing_margins.
 
 Conventions (see each module's docstring for its kernel):
 
@@ -32,8 +32,8 @@ Conventions (see each module's docstring for its kernel):
   back to the spec operator.
 """
 
-from refimpl.ops import (apply_rope_interleaved, causal_mask, embedding, rope_tables,
-                         rotate_half, sample, silu, softmax)
+from refimpl.ops import (apply_rope_interleaved, causal_mask, embedding, near_ties, rope_tables,
+                         rotate_half, routing_margins, sample, silu, softmax)
 
 from ._dtypes import round_to_bf16, round_to_f16
 from .attention import attention
@@ -45,5 +45,5 @@ from .norm import rms_norm
 from .rope import apply_rope
 
 __all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
-           "moe_block", "moge_route", "rms_norm", "apply_rope", "apply_rope_interleaved",
+           "moe_block", "moge_route", "near_ties", "routing_margins", "rms_norm", "apply_rope", "apply_rope_interleaved",
            "rope_tables", "rotate_half", "sample", "round_to_bf16", "round_to_f16"]

@@ -53,13 +53,17 @@ def _route(logits, scale, G, par, ids, weights):
             _route_token(logits, scale, G, t, ids, weights)
 
 
-def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: int):
+def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: int,
+               expert_ids=None):
     """MoGE router in one pass per token (softmax, per-group argmax, router_scale).
 
     # router_logits [T, E], router_scale [1, E] or [E] -> expert_ids [T, G] int64, weights [T, G]
     Semantics of `refimpl.ops.moge_route`: global softmax in the accumulation dtype, ties go
-    to the lowest id, weights not renormalised, returned in the accumulation dtype.
+    to the lowest id, weights not renormalised, returned in the accumulation dtype. A forced
+    selection (`expert_ids`, used by float64 references) takes the spec's path.
     """
+    if expert_ids is not None:
+        return spec.moge_route(router_logits, router_scale, num_groups, expert_ids)
     logits = np.asarray(router_logits)
     check_dtype(logits, "moge_route")
     T, E = logits.shape
@@ -100,7 +104,7 @@ def _combine(expert_out, rows, w, shared, par, out):
 
 
 def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, experts,
-              shared_expert, num_groups: int, record=None) -> np.ndarray:
+              shared_expert, num_groups: int, record=None, expert_ids=None) -> np.ndarray:
     """y = sum_g round(w_g) * Expert_{e_g}(x) + SharedExpert(x), as `refimpl.ops.moe_block`.
 
     # x [T, H], gate_weight [E, H], router_scale [1, E] -> [T, H]
@@ -108,14 +112,14 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     runs once over its gathered tokens (one grouped SwiGLU of n_e rows), unselected experts
     are never read from `experts`. The weighted outputs are added per token in ascending
     expert id with the spec's roundings, then the shared expert. `record` receives the same
-    names as the spec.
+    names as the spec. `expert_ids` [T, G] forces the selection (`refimpl.ops.moge_route`).
     """
     x = np.asarray(x)
     check_dtype(x, "moe_block")
     dt = x.dtype
     T, H = x.shape
     router_logits = linear(x, gate_weight)                          # [T, E]
-    expert_ids, weights = moge_route(router_logits, router_scale, num_groups)
+    expert_ids, weights = moge_route(router_logits, router_scale, num_groups, expert_ids)
     G = expert_ids.shape[1]
     weights_s = weights.astype(dt)                                  # [T, G] storage
     if record:

@@ -20,8 +20,20 @@ output; then a verdict by a criterion:
                      own low-precision error (FlashAttention's rule)
   exact              integer outputs (expert ids): equal everywhere
 
+Routing (`--routing`, default tie-tolerant): an expert selection (an output whose criterion
+names its `near_ties`) is judged exactly in "exact" mode; in "tie-tolerant" mode it may
+differ from the golden only where the golden's choice is a near-tie (a margin below what the
+storage dtype resolves, `refimpl.ops.near_ties`). Where the candidate decided a near-tie the
+other way, the rows of those tokens in outputs marked `"routing": "rows"` are excluded from
+the verdict, and the report counts them. The outputs of experts a differing choice touches
+(`"routing": "expert"`: their token lists differ) are never compared; they are "excluded". Tie-tolerant is the default because a correct kernel that sums the router
+logits in another order may round a logit to its neighbour and flip such a choice; every
+wrong router of tests/test_wrong_kernels.py differs at choices that are not near-ties.
+
 Verdicts: "pass", "fail", or "unusable" (missing output, wrong shape or dtype, NaN where the
-golden has none, unreadable file). The overall verdict is the worst; exit status 0 / 1 / 2.
+golden has none, unreadable file, malformed manifest entry); "not given" (an optional output
+the candidate left out) and "excluded" (see routing) do not count. The overall verdict is the
+worst; exit status 0 / 1 / 2.
 """
 
 from __future__ import annotations
@@ -47,6 +59,9 @@ ASCEND_SMALL_VALUE = 1e-3
 #: MindStudio ULP thresholds (reported, not part of the verdict)
 ULP_THRESHOLDS = {"float16": 1, "bfloat16": 1, "float32": 32, "float64": 32}
 VERDICTS = ("pass", "fail", "unusable")
+#: verdicts of outputs that were not judged (they do not change the case's verdict)
+NOT_JUDGED = ("not given", "excluded")
+ROUTING_MODES = ("tie-tolerant", "exact")
 EXIT_CODES = {"pass": 0, "fail": 1, "unusable": 2}
 
 
@@ -59,10 +74,23 @@ class Options:
     atol: float | None = None
     k: float | None = None
     cast: bool = False
+    routing: str = "tie-tolerant"
 
 
 class Unusable(Exception):
     """A candidate output that cannot be judged; the message is the one-line reason."""
+
+
+class _Missing(Unusable):
+    """The candidate has no array for an output."""
+
+
+@dataclass
+class RoutingFlips:
+    """Near-ties a candidate decided the other way: the tokens and experts involved."""
+
+    tokens: set
+    experts: set
 
 
 # ---------------------------------------------------------------------- candidates
@@ -88,7 +116,7 @@ class Candidate:
             raise Unusable(self._error)
         if self._tensors is not None:
             if name not in self._tensors:
-                raise Unusable(f"candidate {os.path.join(self.path, TENSORS_NAME)} has no "
+                raise _Missing(f"candidate {os.path.join(self.path, TENSORS_NAME)} has no "
                                f"tensor {name}")
             return self._tensors[name]
         npy, bin_ = (os.path.join(self.path, f"{name}.{kind}") for kind in EXPORTS)
@@ -105,7 +133,7 @@ class Candidate:
                                f"{list(shape)} of {dtype.name} = {count * dtype.itemsize} bytes")
             return np.fromfile(bin_, dtype=dtype.newbyteorder("<") if dtype != BF16
                                else np.dtype("<u2")).view(dtype).reshape(shape)
-        raise Unusable(f"candidate {self.path} has no {name}.npy or {name}.bin")
+        raise _Missing(f"candidate {self.path} has no {name}.npy or {name}.bin")
 
 
 def as_golden_dtype(a: np.ndarray, dtype: np.dtype, name: str, cast: bool) -> np.ndarray:
@@ -206,6 +234,23 @@ def judge_exact(m: dict) -> tuple:
     return ok, ("all equal" if ok else f"{m['mismatches']} of {m['elements']} elements differ"), {}
 
 
+def judge_routing(c, g, near_tie, mode: str) -> tuple:
+    """Expert ids: equal everywhere ("exact"), or everywhere but at near-ties
+    ("tie-tolerant"). Returns (ok, why, detail, flipped [T, G] bool)."""
+    differ = c.astype(np.int64) != g.astype(np.int64)
+    at_ties = differ & near_tie
+    n, n_ties, n_at = int(differ.sum()), int(near_tie.sum()), int(at_ties.sum())
+    detail = {"mode": mode, "differ": n, "differ_at_near_ties": n_at, "near_ties": n_ties}
+    if n == 0:
+        return True, f"all equal ({n_ties} near-ties)", detail, differ
+    if mode == "tie-tolerant" and n == n_at:
+        return (True, f"{n} choices differ, all at near-ties ({n_ties} near-ties in all); the "
+                      "routing-dependent outputs of those tokens and experts are excluded",
+                detail, differ)
+    return (False, f"{n} of {differ.size} choices differ, {n - n_at} of them not at a near-tie "
+                   f"({n_ties} near-ties; --routing {mode})", detail, differ)
+
+
 def judge_double_thousandth(c, g, opts: Options) -> tuple:
     abs_t = DT_THRESHOLD if opts.atol is None else opts.atol
     rel_t = DT_THRESHOLD if opts.rtol is None else opts.rtol
@@ -259,11 +304,65 @@ def judge_k_error(c, g, ref, k: float, atol: float) -> tuple:
 
 
 # ---------------------------------------------------------------------- one output
-def compare_output(case: LoadedCase, entry: dict, cand: Candidate, opts: Options) -> dict:
-    name = entry["name"]
-    dtype, shape = dtype_from_name(entry["dtype"]), tuple(entry["shape"])
+def _entry_fields(case: LoadedCase, entry) -> tuple:
+    """(name, dtype, shape, stored criterion, tolerance) of an output entry; Unusable with
+    one line when the manifest entry is malformed."""
+    if not isinstance(entry, dict):
+        raise Unusable(f"manifest: a tensors entry is {type(entry).__name__}, not an object")
+    name = entry.get("name")
+    if not isinstance(name, str) or name not in case.tensors:
+        raise Unusable(f"manifest: output entry {name!r} names no tensor of the case")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
+        raise Unusable(f"manifest: {name}: shape {shape!r} is not a list of integers")
+    try:
+        dtype = dtype_from_name(entry.get("dtype"))
+    except GoldenError as exc:
+        raise Unusable(f"manifest: {name}: {exc}") from None
+    stored = entry.get("criterion") or {"name": "allclose"}
+    if not isinstance(stored, dict) or stored.get("name") not in CRITERIA + ("exact",):
+        raise Unusable(f"manifest: {name}: unknown criterion {stored!r} (known: "
+                       f"{', '.join(CRITERIA + ('exact',))})")
+    if "k" in stored and not _is_number(stored["k"]):
+        raise Unusable(f"manifest: {name}: criterion k {stored['k']!r} is not a number")
+    tol = entry.get("tolerance") or {"rtol": 0.0, "atol": 0.0}
+    if (not isinstance(tol, dict)
+            or not all(_is_number(tol.get(key)) for key in ("rtol", "atol"))):
+        raise Unusable(f"manifest: {name}: tolerance {tol!r} needs numeric rtol and atol")
+    routing = entry.get("routing")
+    if routing not in (None, "rows", "expert"):
+        raise Unusable(f"manifest: {name}: unknown routing dependence {routing!r}")
+    return name, dtype, tuple(shape), stored, tol
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _expert_of(name: str) -> int | None:
+    """e of an output named [layers.I.]experts.e.WHAT."""
+    parts = name.split(".")
+    for i in range(len(parts) - 2):
+        if parts[i] == "experts" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def compare_output(case: LoadedCase, entry: dict, cand: Candidate, opts: Options,
+                   flips: RoutingFlips | None = None) -> dict:
+    """One output judged. `flips`: near-ties the candidate's routing decided the other way
+    (tie-tolerant mode), filled in by the routing output and used by those after it."""
+    label = entry.get("name") if isinstance(entry, dict) else None
+    try:
+        name, dtype, shape, stored, tol = _entry_fields(case, entry)
+    except Unusable as exc:
+        return {"name": str(label), "verdict": "unusable", "reason": str(exc)}
     result = {"name": name, "dtype": entry["dtype"], "shape": list(shape)}
     g = case.tensors[name]
+    routing = entry.get("routing")
+    if flips and routing == "expert" and _expert_of(name) in flips.experts:
+        return {**result, "verdict": "excluded",
+                "reason": "the candidate routed other tokens to this expert (see expert_ids)"}
     try:
         c = as_golden_dtype(cand.get(name, dtype, shape), dtype, name, opts.cast)
         if tuple(c.shape) != shape:
@@ -275,23 +374,49 @@ def compare_output(case: LoadedCase, entry: dict, cand: Candidate, opts: Options
                 first = [int(i) for i in np.unravel_index(int(np.argmax(extra)), shape)]
                 raise Unusable(f"{name}: candidate has {int(extra.sum())} NaN where the golden "
                                f"has none (first at index {first})")
+    except _Missing as exc:
+        if entry.get("optional"):
+            return {**result, "verdict": "not given", "reason": f"optional output ({exc})"}
+        return {**result, "verdict": "unusable", "reason": str(exc)}
     except Unusable as exc:
         return {**result, "verdict": "unusable", "reason": str(exc)}
 
-    tol = entry.get("tolerance") or {"rtol": 0.0, "atol": 0.0}
+    note = None
+    excluded_rows = None
+    if flips and routing == "rows" and flips.tokens and g.ndim >= 1:
+        excluded_rows = np.zeros(g.shape[0], bool)
+        excluded_rows[[t for t in flips.tokens if t < g.shape[0]]] = True
+        mask = excluded_rows.reshape((-1,) + (1,) * (g.ndim - 1))
+        c = np.where(mask, g, c)   # excluded rows carry no error
+        note = (f"{int(excluded_rows.sum())} token rows excluded (routed the other way at a "
+                "near-tie)")
     rtol = tol["rtol"] if opts.rtol is None else opts.rtol
     atol = tol["atol"] if opts.atol is None else opts.atol
     m = metrics(c, g, rtol, atol)
-    stored = dict(entry.get("criterion") or {"name": "allclose"})
     ref_name = stored.get("reference", name + REF_SUFFIX)
     ref = case.tensors.get(ref_name)
+    if stored.get("near_ties"):
+        near = case.tensors.get(stored["near_ties"])
+        if near is None or near.shape != g.shape:
+            return {**result, "verdict": "unusable",
+                    "reason": f"manifest: {name}: near-tie tensor {stored['near_ties']} is "
+                              "missing or misshaped"}
+        ok, why, detail, flipped = judge_routing(c, g, near != 0, opts.routing)
+        if flips is not None and flipped.any():
+            # the experts a differing choice touches hold other tokens than the golden's:
+            # their outputs cannot be compared (when the routing fails, it is the verdict)
+            flips.experts.update(int(e) for e in np.concatenate([c[flipped], g[flipped]]))
+            if ok:  # tie-tolerant, every difference at a near-tie: leave those rows out
+                rows = np.flatnonzero(flipped.any(axis=tuple(range(1, flipped.ndim))))
+                flips.tokens.update(int(t) for t in rows)
+        return {**result, "verdict": "pass" if ok else "fail", "criterion": "routing",
+                "reason": why, "metrics": m, "criterion_detail": detail}
     if not is_float(dtype):
         crit = "exact"
     else:
         crit = opts.criterion or stored["name"]
         if crit == "exact":
             crit = "allclose"
-    note = None
     if crit == "k-error" and ref is None:
         crit, note = "allclose", f"no {ref_name} in the golden: allclose used instead of k-error"
     if crit == "exact":
@@ -304,11 +429,9 @@ def compare_output(case: LoadedCase, entry: dict, cand: Candidate, opts: Options
         target = ref if ref is not None else g
         ok, why, detail = judge_ascend(c, target)
         detail["against"] = ref_name if ref is not None else "golden output"
-    elif crit == "k-error":
+    else:  # k-error (criteria names were checked in _entry_fields and by argparse)
         k = opts.k if opts.k is not None else stored.get("k", DEFAULT_K)
         ok, why, detail = judge_k_error(c, g, ref, float(k), atol)
-    else:  # pragma: no cover - argparse restricts the names
-        raise GoldenError(f"unknown criterion {crit!r}")
     if m["max_abs_err"] == float("inf") and ok:
         ok, why = False, "candidate has Inf where the golden is finite"
     out = {**result, "verdict": "pass" if ok else "fail", "criterion": crit, "reason": why,
@@ -328,7 +451,17 @@ def compare_case(case_path: str, cand_path: str, opts: Options) -> dict:
                 "candidate": cand_path, "verdict": "unusable", "reason": f"golden: {exc}",
                 "outputs": []}
     cand = Candidate(cand_path)
-    outputs = [compare_output(case, e, cand, opts) for e in case.entries("output")]
+    entries = case.entries("output")
+    flips = RoutingFlips(set(), set())
+
+    def routes(e) -> bool:
+        return isinstance(e, dict) and isinstance(e.get("criterion"), dict) \
+            and bool(e["criterion"].get("near_ties"))
+    # routing outputs first: what they decided at near-ties says what the others exclude
+    judged = {id(e): compare_output(case, e, cand, opts, flips) for e in entries if routes(e)}
+    judged.update({id(e): compare_output(case, e, cand, opts, flips)
+                   for e in entries if not routes(e)})
+    outputs = [judged[id(e)] for e in entries]
     verdict = worst([o["verdict"] for o in outputs]) if outputs else "unusable"
     out = {"case": case.name, "operator": case.manifest.get("operator"),
            "numerics": (case.manifest.get("numerics") or {}).get("mode"),
@@ -339,7 +472,9 @@ def compare_case(case_path: str, cand_path: str, opts: Options) -> dict:
 
 
 def worst(verdicts) -> str:
-    return max(verdicts, key=VERDICTS.index) if verdicts else "pass"
+    """The worst verdict of those judged ("pass" when none was)."""
+    judged = [v for v in verdicts if v not in NOT_JUDGED]
+    return max(judged, key=VERDICTS.index) if judged else "pass"
 
 
 def compare_paths(golden: str, candidate: str, opts: Options | None = None) -> dict:
@@ -348,6 +483,8 @@ def compare_paths(golden: str, candidate: str, opts: Options | None = None) -> d
     opts = opts or Options()
     if opts.criterion is not None and opts.criterion not in CRITERIA:
         raise GoldenError(f"--criterion {opts.criterion!r}: choose from {', '.join(CRITERIA)}")
+    if opts.routing not in ROUTING_MODES:
+        raise GoldenError(f"--routing {opts.routing!r}: choose from {', '.join(ROUTING_MODES)}")
     report = {"golden": golden, "candidate": candidate,
               "options": {k: v for k, v in vars(opts).items() if v not in (None, False)}}
     try:
@@ -364,7 +501,8 @@ def compare_paths(golden: str, candidate: str, opts: Options | None = None) -> d
                           os.path.normpath(os.path.join(candidate, r)), opts) for r in rels]
     outputs = [o for c in cases for o in c["outputs"]]
     report.update(verdict=worst([c["verdict"] for c in cases]), cases=cases,
-                  summary={v: sum(o["verdict"] == v for o in outputs) for v in VERDICTS})
+                  summary={v.replace(" ", "_"): sum(o["verdict"] == v for o in outputs)
+                           for v in VERDICTS + NOT_JUDGED})
     report["summary"]["cases"] = len(cases)
     return report
 
@@ -383,6 +521,8 @@ def _short(o: dict) -> str:
         return f"double-thousandth {100 * d['bad_fraction']:.3g}%"
     if crit == "ascend":
         return f"ascend cos={d['cosine']:.4f}"
+    if crit == "routing":
+        return f"routing {d['mode']} ({d['differ']} differ)"
     return crit
 
 
@@ -399,8 +539,8 @@ def format_report(report: dict) -> str:
             lines.append(f"  {case['reason']}")
         rows, notes = [header], []
         for o in case["outputs"]:
-            if o["verdict"] == "unusable":
-                notes.append(f"  {o['name']}: UNUSABLE: {o['reason']}")
+            if o["verdict"] in ("unusable",) + NOT_JUDGED:
+                notes.append(f"  {o['name']}: {o['verdict'].upper()}: {o['reason']}")
                 continue
             m = o["metrics"]
             rows.append((o["name"], o["dtype"], "x".join(map(str, o["shape"])) or "scalar",
@@ -431,12 +571,16 @@ def verdict_line(report: dict) -> str:
     parts = [f"{s['pass']} passed", f"{s['fail']} failed"]
     if s["unusable"]:
         parts.append(f"{s['unusable']} unusable")
+    judged = sum(s[v] for v in VERDICTS)
+    others = [f"{s[k]} {v}" for v in NOT_JUDGED if s[(k := v.replace(' ', '_'))]]
     bad = [c["case"] for c in report["cases"] if c["verdict"] != "pass"]
     tail = f"; not passing: {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}" if bad else ""
-    return (f"verdict: {verdict} ({', '.join(parts)} of {sum(s[v] for v in VERDICTS)} outputs "
-            f"in {s['cases']} case{'s' if s['cases'] != 1 else ''}{tail})")
+    return (f"verdict: {verdict} ({', '.join(parts)} of {judged} outputs "
+            f"in {s['cases']} case{'s' if s['cases'] != 1 else ''}"
+            f"{'; ' + ', '.join(others) if others else ''}{tail})")
 
 
 __all__ = ["Options", "Candidate", "compare_paths", "compare_case", "compare_output",
            "format_report", "verdict_line", "metrics", "ulp_distance", "cosine",
-           "judge_k_error", "judge_ascend", "judge_double_thousandth", "EXIT_CODES"]
+           "judge_k_error", "judge_ascend", "judge_double_thousandth", "judge_routing",
+           "EXIT_CODES", "ROUTING_MODES", "RoutingFlips"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import json
 import os
 import shlex
 from collections.abc import Mapping
@@ -41,6 +42,14 @@ ATTENTION_SCORE_OFFSET = 12.0
 
 ALLCLOSE = {"name": "allclose"}
 EXACT = {"name": "exact"}
+#: the freedom a correct kernel has in a router choice, in ulps of the router logits' storage
+#: dtype, when it computes the logits itself (a reordered float32 dot product rounds to the
+#: same or a neighbouring half-precision value; in float32 it may land tens of ulps away);
+#: 0 when the logits are given to it. See refimpl.ops.near_ties.
+ROUTER_LOGIT_ULPS = {"bfloat16": 2, "float16": 2, "float32": 64, "float64": 64}
+#: ... and in ulps of the probability (softmax: exp and the sum differ between kernels)
+ROUTER_PROB_ULPS = 4
+ROUTING_MODES = ("tie-tolerant", "exact")
 _WHY_K = ("a long reduction: a fixed atol is too loose or too tight, so a kernel passes when "
           "its max error against the float64 reference is at most k x the spec's own "
           "low-precision error (plus the dtype's atol)")
@@ -123,6 +132,7 @@ class _Ctx:
     export: tuple
     rope_angles: str
     rope_override: bool
+    overrides: dict
 
     @property
     def dtype(self) -> np.dtype:
@@ -133,6 +143,9 @@ class _Ctx:
                  f"--numerics {self.mode}", f"--seed {self.seed}", f"--tokens {self.tokens}"]
         if self.rope_override:
             parts.append(f"--rope-angles {self.rope_angles}")
+        for name, value in self.overrides.items():
+            text = json.dumps(list(value) if isinstance(value, tuple) else value)
+            parts.append(f"--set {shlex.quote(f'{name}={text}')}")
         if self.export:
             parts.append(f"--export {','.join(self.export)}")
         return " ".join(parts + ["--out DIR"])
@@ -154,6 +167,9 @@ class _Ctx:
         return Case(name=name, operator=op, description=description, parameters=parameters,
                     numerics=numerics_entry(self.mode, cast_ops), seed=self.seed,
                     source={"kind": "preset", "preset": self.preset,
+                            **({"overrides": {k: list(v) if isinstance(v, tuple) else v
+                                              for k, v in self.overrides.items()}}
+                               if self.overrides else {}),
                             "config": self.config.to_hf_dict(),
                             "weights": f"refimpl.random_init.random_tensor(config, NAME, shape, "
                                        f"seed={self.seed}): the layer-0 tensors of "
@@ -167,12 +183,63 @@ def weight_shapes_of(config: ModelConfig, name: str) -> tuple:
 
 
 def add_output(case: Case, name: str, out: np.ndarray, ref: np.ndarray | None,
-               criterion: dict, produced_by=None, note=None) -> None:
-    """An output and (for float outputs) its float64 reference `NAME.ref64`."""
-    case.add(name, out, "output", criterion=criterion, produced_by=produced_by, note=note)
+               criterion: dict, produced_by=None, note=None, routing=None,
+               optional=False) -> None:
+    """An output and (for float outputs) its float64 reference `NAME.ref64`. `routing`:
+    "rows" when row t depends on token t's expert choice, "expert" when the output belongs
+    to one expert (how `compare --routing tie-tolerant` treats a near-tie decided the other
+    way); the float64 reference of such an output is computed with this run's routing."""
+    case.add(name, out, "output", criterion=criterion, produced_by=produced_by, note=note,
+             routing=routing, optional=optional)
     if ref is not None and is_float(out.dtype):
+        forced = " and this run's expert selection" if routing else ""
         case.add(name + REF_SUFFIX, f64(ref), "reference",
-                 note=f"{name} computed in float64 from the same rounded inputs")
+                 note=f"{name} computed in float64 from the same rounded inputs{forced}")
+
+
+def add_routing(case: Case, name: str, router_logits: np.ndarray, expert_ids: np.ndarray,
+                ref_logits: np.ndarray, num_groups: int, logits_given: bool,
+                produced_by: dict, optional: bool = False) -> dict:
+    """The expert selection as an output judged exactly but for near-ties, with what the
+    verdict needs and a reader wants to know as references:
+
+    NAME.near_tie   int64 [T, G], 1 where a correct kernel may choose differently
+                    (`refimpl.ops.near_ties`, ROUTER_LOGIT_ULPS / ROUTER_PROB_ULPS)
+    NAME.margin     float64 [T, G], the chosen logit minus the group's next best (spec's)
+    NAME.ref64      int64 [T, G], what the float64 router would choose (from the float64
+                    reference's own logits); the references of outputs downstream are
+                    computed with `expert_ids` forced instead, so they measure arithmetic
+
+    Returns the routing summary recorded under parameters["routing"].
+    """
+    dt = np.asarray(router_logits).dtype
+    logit_ulps = 0 if logits_given else ROUTER_LOGIT_ULPS[dt.name]
+    ties = ops.near_ties(router_logits, expert_ids, num_groups, logit_ulps, ROUTER_PROB_ULPS)
+    margin, _ = ops.routing_margins(router_logits, expert_ids, num_groups)
+    free64, _ = ops.moge_route(f64(ref_logits), np.ones(ref_logits.shape[1]), num_groups)
+    agrees = free64 == expert_ids
+    crit = {"name": "exact", "near_ties": name + ".near_tie",
+            "routing": "exact, except near-ties under compare --routing tie-tolerant (default)"}
+    case.add(name, expert_ids.astype(np.int64), "output", criterion=crit,
+             produced_by=produced_by, optional=optional)
+    case.add(name + ".near_tie", ties.astype(np.int64), "reference",
+             note=f"1 where the choice is a near-tie: logit margin <= {logit_ulps} ulp of "
+                  f"{dt.name} or probability margin <= {ROUTER_PROB_ULPS} ulp")
+    case.add(name + ".margin", margin, "reference",
+             note="chosen router logit minus the best other logit of its group")
+    case.add(name + REF_SUFFIX, free64.astype(np.int64), "reference",
+             note="the float64 router's own choice (references downstream use this run's)")
+    summary = {"choices": int(expert_ids.size), "near_ties": int(ties.sum()),
+               "near_tie_rule": f"logit margin <= {logit_ulps} ulp of {dt.name} or probability "
+                                f"margin <= {ROUTER_PROB_ULPS} ulp of the accumulation dtype",
+               "reference_agrees": int(agrees.sum()),
+               "reference_disagrees": int((~agrees).sum()),
+               "reference_disagrees_at_near_ties": int((~agrees & ties).sum()),
+               "min_logit_margin": float(margin.min()) if margin.size else None,
+               "references": "float64 references downstream of the router use this run's "
+                             "expert_ids (routing forced), so they differ from the outputs "
+                             "only by arithmetic"}
+    return summary
 
 
 def available_operators(config: ModelConfig) -> tuple:
@@ -200,9 +267,11 @@ def parse_ops(text: str | None, config: ModelConfig, name: str) -> list:
 
 @_deterministic
 def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens: int = 16,
-                   rope_angles: str | None = None, export=()) -> list:
-    """The cases of the named operators at the preset's shapes (see the module docstring)."""
-    config = preset(preset_name)
+                   rope_angles: str | None = None, export=(), overrides=None) -> list:
+    """The cases of the named operators at the preset's shapes (see the module docstring);
+    `overrides` change config fields (`golden --set FIELD=VALUE`)."""
+    overrides = dict(overrides or {})
+    config = preset(preset_name, **overrides)
     storage_dtype(mode)  # refuse an unknown mode first
     if not isinstance(tokens, int) or not 1 <= tokens <= config.max_position_embeddings:
         raise InputError(f"--tokens must be in [1, {config.max_position_embeddings}] "
@@ -212,7 +281,7 @@ def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens
                          f"{', '.join(ROPE_ANGLE_MODES)}")
     ops_list = parse_ops(",".join(operators), config, preset_name)
     ctx = _Ctx(config, preset_name, mode, int(seed), tokens, tuple(export),
-               rope_angles or config.rope_angles, rope_angles is not None)
+               rope_angles or config.rope_angles, rope_angles is not None, overrides)
     builders = {"rms_norm": _rms_norm_cases, "rope": _rope_cases,
                 "attention": _attention_cases, "swiglu": _swiglu_cases,
                 "moge_route": _moge_route_cases, "moe": _moe_cases}
@@ -389,11 +458,12 @@ def _moge_route_cases(ctx: _Ctx) -> list:
     case.add("router_logits", logits, "input", note="linear(x, mlp.gate.weight), x ~ N(0, 1)")
     case.add("router_scale", scale, "input")
     ids, weights = ops.moge_route(logits, scale, c.num_groups)
-    ref_ids, ref_weights = ops.moge_route(f64(logits), f64(scale), c.num_groups)
-    case.parameters["reference_routing_agrees"] = bool(np.array_equal(ids, ref_ids))
+    _, ref_weights = ops.moge_route(f64(logits), f64(scale), c.num_groups, expert_ids=ids)
     produced = {"op": "moge_route", "args": ["router_logits", "router_scale"]}
-    add_output(case, "expert_ids", ids, None, EXACT, produced)
-    add_output(case, "expert_weights", weights, ref_weights, ALLCLOSE, produced)
+    case.parameters["routing"] = add_routing(case, "expert_ids", logits, ids, logits,
+                                             c.num_groups, True, produced)
+    add_output(case, "expert_weights", weights, ref_weights, ALLCLOSE, produced,
+               routing="rows")
     return [case]
 
 
@@ -448,11 +518,14 @@ def _moe_cases(ctx: _Ctx) -> list:
     y = ops.moe_block(x, gate, scale, [tuple(s[e] for s in stacks) for e in range(E)], shared,
                       c.num_groups, record=got.__setitem__)
     ref = ops.moe_block(f64(x), f64(gate), f64(scale), _Float64Experts(stacks),
-                        [f64(s) for s in shared], c.num_groups, record=ref_got.__setitem__)
-    case.parameters["reference_routing_agrees"] = bool(
-        np.array_equal(got["expert_ids"], ref_got["expert_ids"]))
-    add_output(case, "y", y, ref, k_error("y"),
-               {"op": "moe_block", "args": [t.name for t in case.tensors]})
+                        [f64(s) for s in shared], c.num_groups, record=ref_got.__setitem__,
+                        expert_ids=got["expert_ids"])
+    produced = {"op": "moe_block", "args": [t.name for t in case.tensors]}
+    add_output(case, "y", y, ref, k_error("y"), produced, routing="rows")
+    case.parameters["routing"] = add_routing(
+        case, "expert_ids", got["router_logits"], got["expert_ids"], ref_got["router_logits"],
+        c.num_groups, False, {"op": "moe_block", "then": "the selection it routed by"},
+        optional=True)
     return [case]
 
 
@@ -537,6 +610,17 @@ def _produced_by(config: ModelConfig, i: int, tap: str) -> dict | None:
     return None
 
 
+def _routing_dependence(moe: bool, tap: str) -> str | None:
+    """How a layer tap depends on the routing (see add_output)."""
+    if not moe:
+        return None
+    if tap.startswith("experts."):
+        return "expert"
+    if tap in ("expert_weights", "mlp_out", "out"):
+        return "rows"
+    return None
+
+
 _LAYER_CAST_OPS = ["linear", "rms_norm", "rope tables", "apply_rope", "attention", "swiglu",
                    "residual add"]
 _MOE_CAST_OPS = ["moge_route", "moe block"]
@@ -558,7 +642,7 @@ def model_cases(model, token_ids, layers=None, model_name: str = "model",
         if not 0 <= i < c.num_hidden_layers:
             raise InputError(f"--layers: layer {i} is not in [0, {c.num_hidden_layers})")
     dt, mode = model.dtype, model.numerics
-    taps = Taps(layers)
+    taps = Taps(layers, routing=True)
     model.forward(ids, taps=taps)
     positions = np.arange(T)
     cos, sin = ops.rope_tables(positions, c.head_dim, c.rope_theta, angles=c.rope_angles,
@@ -589,7 +673,9 @@ def model_cases(model, token_ids, layers=None, model_name: str = "model",
                         "formula": "h = x + o_proj(attention(rope(q_proj(n1)), rope(k_proj(n1)),"
                                    " v_proj(n1))), n1 = rms_norm(x); y = h + mlp(rms_norm(h))",
                         "reference": "NAME.ref64: the layer run in float64 from the same rounded"
-                                     " input, RoPE tables and weights"},
+                                     " input, RoPE tables and weights"
+                                     + (", with this run's expert selection forced" if moe
+                                        else "")},
             numerics=numerics_entry(mode, _LAYER_CAST_OPS + (_MOE_CAST_OPS if moe else [])),
             seed=seed, source=source, command=command,
             criterion={"default": "k-error (exact for integer outputs)", "why": _WHY_K})
@@ -603,22 +689,25 @@ def model_cases(model, token_ids, layers=None, model_name: str = "model",
                 if name.startswith(f"model.layers.{i}."):
                     case.add(name, model.w(name), "input")
         rtaps = Taps([i])
-        ref.layer(i, f64(x), f64(cos), f64(sin), None, rtaps.layer_recorder(i))
-        agrees = (not moe) or np.array_equal(taps[L + "expert_ids"], rtaps[L + "expert_ids"])
+        ref.layer(i, f64(x), f64(cos), f64(sin), None, rtaps.layer_recorder(i),
+                  expert_ids=taps.routing.get(i))
         if moe:
-            case.parameters["reference_routing_agrees"] = bool(agrees)
+            case.parameters["routing"] = add_routing(
+                case, L + "expert_ids", taps[L + "router_logits"], taps[L + "expert_ids"],
+                rtaps[L + "router_logits"], c.num_groups, False,
+                _produced_by(c, i, "expert_ids"))
         for name in taps:
-            if not name.startswith(L) or name == L + "input":
+            if not name.startswith(L) or name in (L + "input", L + "expert_ids"):
                 continue
             out = taps[name]
             tap = name[len(L):]
             r = rtaps.arrays.get(name)
-            if (r is None or r.shape != out.shape or not is_float(out.dtype)
-                    or (tap.startswith("experts.") and not agrees)):
+            if r is None or r.shape != out.shape or not is_float(out.dtype):
                 r = None
             crit = (k_error(name) if r is not None else
                     (ALLCLOSE if is_float(out.dtype) else EXACT))
-            add_output(case, name, out, r, crit, _produced_by(c, i, tap))
+            add_output(case, name, out, r, crit, _produced_by(c, i, tap),
+                       routing=_routing_dependence(moe, tap))
         cases.append(case)
 
     case = Case(
@@ -628,14 +717,19 @@ def model_cases(model, token_ids, layers=None, model_name: str = "model",
         parameters={**tokens_param, "num_hidden_layers": c.num_hidden_layers,
                     "vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_word_embeddings,
                     "reference": "NAME.ref64: the model run in float64 (weights rounded to the "
-                                 "storage dtype, then upcast; RoPE tables in float64)"},
+                                 "storage dtype, then upcast; RoPE tables in float64)"
+                                 + ("; every MoGE layer with this run's expert selection "
+                                    "forced (layers.I.expert_ids)" if c.is_moge else "")},
         numerics=numerics_entry(mode, ["embedding"] + _LAYER_CAST_OPS
                                 + (_MOE_CAST_OPS if c.is_moge else []) + ["logits"]),
         seed=seed, source=source, command=command,
         criterion={"default": "k-error", "why": _WHY_K})
     case.add("token_ids", ids, "input")
+    for i, chosen in sorted(taps.routing.items()):
+        case.add(f"layers.{i}.expert_ids", chosen, "reference",
+                 note="the expert selection of this run, forced on the float64 reference")
     rtaps = Taps([])
-    ref.forward(ids, taps=rtaps)
+    ref.forward(ids, taps=rtaps, expert_ids=taps.routing)
     final = f"layers.{c.num_hidden_layers - 1}.out"
     for name, produced in (("embed", {"op": "embedding", "args": ["token_ids",
                                                                   "model.embed_tokens.weight"]}),

@@ -187,6 +187,8 @@ class Tensor:
     produced_by: dict | None = None
     note: str | None = None
     tolerance: dict | None = None
+    routing: str | None = None   # "rows" | "expert": depends on the expert selection
+    optional: bool = False       # an output a candidate may leave out
 
 
 @dataclass
@@ -222,6 +224,10 @@ def tensor_entry(t: Tensor, export=()) -> dict:
     if t.role == "output":
         entry["criterion"] = t.criterion or ({"name": "allclose"} if is_float(t.array.dtype)
                                              else {"name": "exact"})
+    if t.routing:
+        entry["routing"] = t.routing
+    if t.optional:
+        entry["optional"] = True
     if t.produced_by:
         entry["produced_by"] = t.produced_by
     if t.note:

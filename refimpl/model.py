@@ -83,13 +83,15 @@ class Model:
         return ids.astype(np.int64)
 
     def forward(self, token_ids, cache: KVCache | None = None, taps: Taps | None = None,
-                last_only: bool = False, progress=None) -> np.ndarray:
+                last_only: bool = False, progress=None, expert_ids=None) -> np.ndarray:
         """Logits [T, vocab] (or [1, vocab] with last_only) for the tokens after the cache.
 
         With a cache, the tokens sit at positions cache.length .. cache.length + T - 1 and
         their keys/values are appended, so a prefill followed by one-token steps gives the
         same logits as one forward over the whole sequence. `progress(layer)` is called
-        after each layer.
+        after each layer. `expert_ids` {layer: [T, G]} forces the MoGE selection of those
+        layers (the float64 reference of a low-precision run takes that run's routing;
+        `Taps(routing=True)` collects it).
         """
         c, ops = self.config, self.ops
         ids = self.check_token_ids(token_ids)               # [T]
@@ -105,7 +107,8 @@ class Model:
             taps.record("embed", x)
         for i in range(c.num_hidden_layers):
             record = taps.layer_recorder(i) if taps is not None else None
-            x = self.layer(i, x, cos, sin, cache, record)
+            forced = None if expert_ids is None else expert_ids.get(i)
+            x = self.layer(i, x, cos, sin, cache, record, expert_ids=forced)
             if progress:
                 progress(i)
         if cache is not None:
@@ -119,8 +122,10 @@ class Model:
             taps.record("logits", logits)
         return logits
 
-    def layer(self, i: int, x: np.ndarray, cos, sin, cache=None, record=None) -> np.ndarray:
-        """One decoder layer. # [T, H] -> [T, H]"""
+    def layer(self, i: int, x: np.ndarray, cos, sin, cache=None, record=None,
+              expert_ids=None) -> np.ndarray:
+        """One decoder layer. # [T, H] -> [T, H]
+        `expert_ids` [T, G] forces the MoGE selection (`refimpl.ops.moe_block`)."""
         c, ops = self.config, self.ops
         p = f"model.layers.{i}."
         T = x.shape[0]
@@ -150,7 +155,7 @@ class Model:
             m = ops.moe_block(n2, self.w(p + "mlp.gate.weight"), self.w(p + "mlp.router_scale"),
                               _LayerExperts(self, p + "mlp.experts."),
                               self._swiglu_weights(p + "mlp.shared_expert."),
-                              c.num_groups, record=record)
+                              c.num_groups, record=record, expert_ids=expert_ids)
         else:
             m = ops.swiglu(n2, *self._swiglu_weights(p + "mlp."))
         y = ops.add(h, m)                                    # [T, H]

@@ -468,7 +468,7 @@ class StreamedModel(Model):
         self._mark = time.perf_counter()
 
     def forward(self, token_ids, cache=None, taps=None, last_only: bool = False,
-                progress=None) -> np.ndarray:
+                progress=None, expert_ids=None) -> np.ndarray:
         n = self.config.num_hidden_layers
         self._bar = (None if self.progress is False else
                      ProgressBar(n, stream=self.progress_stream, enabled=self.progress))
@@ -478,7 +478,7 @@ class StreamedModel(Model):
         if self._bar:
             self._bar.start()
         try:
-            logits = super().forward(token_ids, cache, taps, last_only, progress)
+            logits = super().forward(token_ids, cache, taps, last_only, progress, expert_ids)
         finally:
             if self.weights.release_pages:
                 self.weights.release(self.weights.globals)
@@ -489,10 +489,10 @@ class StreamedModel(Model):
         self.stats["seconds"] = end - start
         return logits
 
-    def layer(self, i, x, cos, sin, cache=None, record=None):
+    def layer(self, i, x, cos, sin, cache=None, record=None, expert_ids=None):
         """`Model.layer`, then release its pages and account for it."""
         self._read_ahead(self._dense_names(i + 1))
-        y = super().layer(i, x, cos, sin, cache, self._routing_hook(i, record))
+        y = super().layer(i, x, cos, sin, cache, self._routing_hook(i, record), expert_ids)
         if self.weights.release_pages:
             self.weights.release_layer(i)
         now = time.perf_counter()

@@ -25,11 +25,17 @@ import numpy as np
 
 
 class Taps:
-    """Collects copies of named arrays; `layers` limits which layers are recorded."""
+    """Collects copies of named arrays; `layers` limits which layers are recorded.
 
-    def __init__(self, layers=None):
+    routing=True also keeps the expert selection of every MoGE layer, wanted or not, in
+    `routing` {layer: expert_ids [T, G]} (what `Model.forward(expert_ids=...)` takes to
+    force the same routing on another run, such as the float64 reference).
+    """
+
+    def __init__(self, layers=None, routing: bool = False):
         self.layers = None if layers is None else set(int(i) for i in layers)
         self.arrays: dict[str, np.ndarray] = {}
+        self.routing: dict[int, np.ndarray] | None = {} if routing else None
 
     def wants_layer(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
@@ -38,10 +44,18 @@ class Taps:
         self.arrays[name] = np.array(array, copy=True)
 
     def layer_recorder(self, layer: int):
-        """A record(name, array) function prefixing `layers.{layer}.`, or None if unwanted."""
-        if not self.wants_layer(layer):
+        """A record(name, array) function prefixing `layers.{layer}.`, or None if unwanted
+        (and no routing is kept)."""
+        wanted = self.wants_layer(layer)
+        if not wanted and self.routing is None:
             return None
-        return lambda name, array: self.record(f"layers.{layer}.{name}", array)
+
+        def record(name, array):
+            if name == "expert_ids" and self.routing is not None:
+                self.routing[layer] = np.array(array, copy=True)
+            if wanted:
+                self.record(f"layers.{layer}.{name}", array)
+        return record
 
     def __getitem__(self, name):
         return self.arrays[name]

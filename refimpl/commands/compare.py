@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from ..compare import EXIT_CODES, Options, compare_paths, format_report
+from ..compare import EXIT_CODES, ROUTING_MODES, Options, compare_paths, format_report
 from ..errors import InputError
 from ..golden_format import CRITERIA
 
@@ -36,6 +36,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cast", action="store_true",
                    help="round a float candidate of another dtype to the golden's dtype "
                         "instead of refusing it")
+    p.add_argument("--routing", choices=ROUTING_MODES, default="tie-tolerant",
+                   help="expert ids: 'exact' requires every choice equal to the golden's; "
+                        "'tie-tolerant' lets a choice differ where the golden's margin is a "
+                        "near-tie (below what the storage dtype resolves), and leaves the "
+                        "rows and experts it changes out of the other outputs' verdicts")
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
     p.set_defaults(func=main)
 
@@ -57,7 +62,7 @@ def main(args) -> int:
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise InputError(f"--{name} must be a finite number >= 0, got {value}")
     opts = Options(criterion=args.criterion, rtol=args.rtol, atol=args.atol, k=args.k,
-                   cast=args.cast)
+                   cast=args.cast, routing=args.routing)
     report = compare_paths(args.golden, args.candidate, opts)
     if args.json:
         print(json.dumps(_json_safe(report), indent=1))

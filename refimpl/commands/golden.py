@@ -43,6 +43,10 @@ def add_parser(subparsers) -> None:
                         "query against S=T cached positions)")
     p.add_argument("--rope-angles", choices=("exact", "float32"),
                    help="with --preset: RoPE angle mode (default: the config's)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="with --preset: change a config field (JSON value), e.g. "
+                        "--set moe_intermediate_size=128 for a real-width router with small "
+                        "experts; repeatable; recorded in the manifest")
     ids = p.add_mutually_exclusive_group()
     ids.add_argument("--token-ids", metavar="IDS", help="with --model: token ids, e.g. 1,2,3")
     ids.add_argument("--prompt", metavar="TEXT", help="with --model: text (needs a tokenizer)")
@@ -60,6 +64,32 @@ def add_parser(subparsers) -> None:
                    help="directory to write the case directories in (created with its parents; a "
                         "case of the same name is replaced)")
     p.set_defaults(func=main)
+
+
+def parse_overrides(items) -> dict:
+    """--set FIELD=VALUE ... -> {field: value}; the value is JSON (a bare word is a string).
+    Checked as config.json fields are, by the config itself."""
+    import dataclasses
+    import json
+
+    from ..config import ModelConfig
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"family"}
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise InputError(f"--set {item!r}: expected FIELD=VALUE, e.g. num_experts=64")
+        if name not in fields:
+            raise InputError(f"--set {name}: not a config field (fields: "
+                             f"{', '.join(sorted(fields))})")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out[name] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 def _parse_list(text: str, what: str) -> list:
@@ -144,11 +174,15 @@ def main(args) -> int:
                 raise InputError(f"--{name.replace('_', '-')} goes with --model, not --preset")
         if args.no_weights:
             raise InputError("--no-weights goes with --model, not --preset")
-        config = preset(args.preset)
+        overrides = parse_overrides(args.set)
+        config = preset(args.preset, **overrides)
         ops = parse_ops(args.ops, config, args.preset)
         cases = operator_cases(args.preset, ops, args.numerics, seed=args.seed,
-                               tokens=args.tokens, rope_angles=args.rope_angles, export=export)
+                               tokens=args.tokens, rope_angles=args.rope_angles, export=export,
+                               overrides=overrides)
     else:
+        if args.set:
+            raise InputError("--set goes with --preset, not --model")
         cases = _model_mode(args, export)
     for case in cases:
         path = write_case(args.out, case, export)

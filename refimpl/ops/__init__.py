@@ -8,11 +8,11 @@ at the cast points listed in `refimpl.numerics`.
 from .attention import attention, causal_mask
 from .basic import add, embedding, linear, silu, softmax
 from .mlp import swiglu
-from .moe import moe_block, moge_route
+from .moe import moe_block, moge_route, near_ties, routing_margins
 from .norm import rms_norm
 from .rope import apply_rope, apply_rope_interleaved, rope_tables, rotate_half
 from .sampling import sample
 
 __all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
-           "moe_block", "moge_route", "rms_norm", "apply_rope", "apply_rope_interleaved",
+           "moe_block", "moge_route", "near_ties", "routing_margins", "rms_norm", "apply_rope", "apply_rope_interleaved",
            "rope_tables", "rotate_half", "sample"]

@@ -10,7 +10,30 @@ from .basic import linear, softmax
 from .mlp import swiglu
 
 
-def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: int):
+def _group_size(num_experts: int, num_groups: int) -> int:
+    if num_groups <= 0 or num_experts % num_groups:
+        raise InputError(f"moge_route: {num_experts} experts do not divide into {num_groups} "
+                         "groups")
+    return num_experts // num_groups
+
+
+def check_expert_ids(expert_ids, num_tokens: int, num_experts: int, num_groups: int):
+    """A forced expert selection as int64 [T, G]; InputError unless column g holds ids of
+    group g (g*E/G .. (g+1)*E/G - 1)."""
+    size = _group_size(num_experts, num_groups)
+    ids = np.asarray(expert_ids)
+    if ids.shape != (num_tokens, num_groups) or ids.dtype.kind not in "iu":
+        raise InputError(f"expert_ids must be integers of shape [{num_tokens}, {num_groups}], "
+                         f"got {list(ids.shape)} of {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if ((ids // size) != np.arange(num_groups)[None, :]).any():
+        raise InputError("expert_ids: column g must hold an expert of group g "
+                         f"(ids g*{size} .. g*{size}+{size - 1})")
+    return ids
+
+
+def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: int,
+               expert_ids=None):
     """Pick one expert per group: global softmax, per-group argmax, times router_scale.
 
     # router_logits [T, E], router_scale [1, E] or [E] -> expert_ids [T, G] int64, weights [T, G]
@@ -19,21 +42,75 @@ def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: 
     e_g = g*E/G + argmax(p[:, group g]) with ties going to the lowest id;
     weight_g = p[:, e_g] * router_scale[e_g]. No renormalisation, no other scaling.
     The weights are returned in the accumulation dtype.
+
+    expert_ids [T, G], if given, is the selection to use instead of the argmax (the weights
+    are still this call's p[e] * router_scale[e]): the float64 reference of a low-precision
+    run takes that run's selection, so the two differ only by arithmetic, never by routing.
     """
     T, E = router_logits.shape
-    if num_groups <= 0 or E % num_groups:
-        raise InputError(f"moge_route: {E} experts do not divide into {num_groups} groups")
-    size = E // num_groups
+    size = _group_size(E, num_groups)
     probs = softmax(router_logits, axis=-1)                       # [T, E]
-    local = np.argmax(probs.reshape(T, num_groups, size), axis=-1)  # [T, G], first max wins
-    expert_ids = (local + np.arange(num_groups)[None, :] * size).astype(np.int64)
+    if expert_ids is None:
+        local = np.argmax(probs.reshape(T, num_groups, size), axis=-1)  # [T, G], first max
+        expert_ids = (local + np.arange(num_groups)[None, :] * size).astype(np.int64)
+    else:
+        expert_ids = check_expert_ids(expert_ids, T, E, num_groups)
     scale = to_accum(np.asarray(router_scale)).reshape(E).astype(probs.dtype)
     weights = np.take_along_axis(probs, expert_ids, axis=1) * scale[expert_ids]
     return expert_ids, weights
 
 
+def routing_margins(router_logits: np.ndarray, expert_ids: np.ndarray, num_groups: int):
+    """How decisively each choice was made: for token t and group g, the chosen expert's
+    logit and probability minus the largest other one of the group.
+
+    # router_logits [T, E], expert_ids [T, G] -> logit_margin [T, G], prob_margin [T, G]
+    Both in float64 (from the logits as given, probabilities = softmax in the logits'
+    accumulation dtype, as `moge_route` computes them). A margin < 0 means the selection
+    is not this router's argmax (a forced or foreign choice); 0 is an exact tie.
+    """
+    T, E = router_logits.shape
+    size = _group_size(E, num_groups)
+    logits = to_accum(router_logits).astype(np.float64).reshape(T, num_groups, size)
+    probs = softmax(router_logits, axis=-1).astype(np.float64).reshape(T, num_groups, size)
+    local = (np.asarray(expert_ids) - np.arange(num_groups)[None, :] * size)[..., None]
+    out = []
+    for values in (logits, probs):
+        chosen = np.take_along_axis(values, local, axis=-1)[..., 0]        # [T, G]
+        others = values.copy()
+        np.put_along_axis(others, local, -np.inf, axis=-1)
+        out.append(chosen - others.max(axis=-1) if size > 1 else np.full_like(chosen, np.inf))
+    return out[0], out[1]
+
+
+def near_ties(router_logits: np.ndarray, expert_ids: np.ndarray, num_groups: int,
+              logit_ulps: float, prob_ulps: float) -> np.ndarray:
+    """Choices a correct kernel may make differently (near-ties).
+
+    # router_logits [T, E], expert_ids [T, G] -> [T, G] bool
+    A choice is a near-tie when its logit margin is at most `logit_ulps` units in the last
+    place of the logits' dtype (at the larger magnitude of the pair), or its probability
+    margin at most `prob_ulps` units in the last place of the probability's accumulation
+    dtype. The first is the freedom of a kernel that computes the logits itself (a rounded
+    dot product summed in another order can round to a neighbouring value); the second that
+    of any softmax (exp and the sum differ by an ulp or so between implementations). An exact
+    tie is always a near-tie. The values a case uses are refimpl.golden.ROUTER_LOGIT_ULPS.
+    """
+    T, E = router_logits.shape
+    size = _group_size(E, num_groups)
+    logit_margin, prob_margin = routing_margins(router_logits, expert_ids, num_groups)
+    dt = np.asarray(router_logits).dtype
+    logits = to_accum(router_logits).astype(np.float64).reshape(T, num_groups, size)
+    magnitude = np.abs(logits).max(axis=-1)                                # [T, G]
+    logit_ulp = np.spacing(magnitude.astype(dt)).astype(np.float64)        # [T, G]
+    probs = softmax(router_logits, axis=-1)                                # [T, E] accum
+    chosen = np.take_along_axis(probs, np.asarray(expert_ids), axis=1)     # [T, G]
+    prob_ulp = np.spacing(chosen).astype(np.float64)
+    return (logit_margin <= logit_ulps * logit_ulp) | (prob_margin <= prob_ulps * prob_ulp)
+
+
 def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, experts,
-              shared_expert, num_groups: int, record=None) -> np.ndarray:
+              shared_expert, num_groups: int, record=None, expert_ids=None) -> np.ndarray:
     """y = sum_g round(w_g) * Expert_{e_g}(x) + SharedExpert(x), only selected experts run.
 
     # x [T, H], gate_weight [E, H], router_scale [1, E] -> [T, H]
@@ -42,12 +119,13 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     `shared_expert` is its (w_gate, w_up, w_down). Accumulation follows Hugging Face's
     index_add_ in the activation dtype: selected experts in ascending id order, each
     weighted output rounded, then added and rounded; the shared expert is added last.
+    `expert_ids` [T, G], if given, forces the selection (see `moge_route`).
     `record(name, array)`, if given, receives router_logits, expert_ids, expert_weights and
     each selected expert's token indices, input and output.
     """
     dt = x.dtype
     router_logits = linear(x, gate_weight)                        # [T, E]
-    expert_ids, weights = moge_route(router_logits, router_scale, num_groups)
+    expert_ids, weights = moge_route(router_logits, router_scale, num_groups, expert_ids)
     weights_s = weights.astype(dt)                                # [T, G]
     if record:
         record("router_logits", router_logits)
