@@ -120,30 +120,11 @@ def npy_array(array: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------- cast points
 def cast_points(operators) -> dict:
-    """{operator: text} from THE cast-point table of `refimpl.numerics` (its docstring)."""
-    table = _cast_point_table()
-    missing = [op for op in operators if op not in table]
-    if missing:  # the table in refimpl/numerics.py changed shape; tests catch this
-        raise RuntimeError(f"refimpl.numerics cast-point table has no row {missing}")
-    return {op: table[op] for op in operators}
-
-
-def _cast_point_table() -> dict:
-    lines = (numerics.__doc__ or "").splitlines()
-    rules = [i for i, line in enumerate(lines) if line.startswith("=====")]
-    if len(rules) < 3:
-        return {}
-    width = len(lines[rules[0]].split(" ")[0])
-    table: dict = {}
-    key = None
-    for line in lines[rules[1] + 1:rules[2]]:
-        head, text = line[:width].strip(), line[width:].strip()
-        if head:
-            key = head
-            table[key] = text
-        elif key is not None and text:
-            table[key] += " " + text
-    return table
+    """{operator: text} from THE cast-point table, `refimpl.numerics.CAST_POINTS`."""
+    missing = [op for op in operators if op not in numerics.CAST_POINTS]
+    if missing:  # a builder names an operator the table lacks; tests catch this
+        raise RuntimeError(f"refimpl.numerics.CAST_POINTS has no row {missing}")
+    return {op: numerics.cast_point_text(op) for op in operators}
 
 
 def numerics_entry(mode: str, operators) -> dict:

@@ -5,32 +5,10 @@ the storage dtype, upcasts to the *accumulation* dtype, computes, and rounds its
 the storage dtype. float64 in means float64 math throughout; every other dtype accumulates in
 float32 (bf16/fp16 products are exact in float32).
 
-Cast points (the single place they are written down; they follow Hugging Face eager code).
-"round" means: cast to the storage dtype (round to nearest even), continue from that value.
-
-==============  ==============================================================================
-operator        cast points
-==============  ==============================================================================
-embedding       a row of the table, in storage dtype (no arithmetic)
-linear          y = round(x @ W^T + b); the product accumulates in float32 and the bias is
-                added in float32 before the one rounding
-rms_norm        n = round(x * 1/sqrt(mean(x^2) + eps)) computed in float32 from x;
-                y = round(weight * n)   (the normalised value is rounded *before* the weight)
-rope tables     angles in float64 ("exact", default) or float32 (HF recipe); cos, sin are
-                rounded to the storage dtype before use
-apply_rope      y = round(round(x * cos) + round(rotate_half(x) * sin))
-attention       s = round(q @ k^T); s = round(s * head_dim**-0.5); causal mask;
-                p = round(softmax_float32(s)); o = round(p @ v)
-swiglu          g = linear(x, Wg); u = linear(x, Wu); a = round(silu(g)); h = round(a * u);
-                y = linear(h, Wd)
-residual add    round(x + f(x))
-moge_route      logits = linear(x, W_gate) (storage dtype); p = softmax in float32;
-                weights = p[e] * router_scale[e] in float32 (returned in float32)
-moe block       w = round(weights); y = 0 in storage dtype; for each selected expert in
-                ascending id: y[tok] = round(y[tok] + round(w * expert(x[tok])));
-                then y = round(y + shared_expert(x))
-logits          lm_head = linear, in storage dtype
-==============  ==============================================================================
+The cast points are data, `CAST_POINTS` below (one entry per operator: the lines of its
+rule), rendered as a table by `cast_point_table()` into this docstring, docs/numerics.md and
+every golden manifest. "round" means: cast to the storage dtype (round to nearest even),
+continue from that value.
 
 In fp32 and fp64 modes every "round" is the identity (the value is already in that dtype).
 """
@@ -41,6 +19,67 @@ import ml_dtypes
 import numpy as np
 
 from .errors import ConfigError
+
+#: operator -> its cast points, as the lines of the table (THE place they are written down;
+#: they follow Hugging Face eager code)
+CAST_POINTS = {
+    'embedding': (
+        'a row of the table, in storage dtype (no arithmetic)',
+    ),
+    'linear': (
+        'y = round(x @ W^T + b); the product accumulates in float32 and the bias is',
+        'added in float32 before the one rounding',
+    ),
+    'rms_norm': (
+        'n = round(x * 1/sqrt(mean(x^2) + eps)) computed in float32 from x;',
+        'y = round(weight * n)   (the normalised value is rounded *before* the weight)',
+    ),
+    'rope tables': (
+        'angles in float64 ("exact", default) or float32 (HF recipe); cos, sin are',
+        'rounded to the storage dtype before use',
+    ),
+    'apply_rope': (
+        'y = round(round(x * cos) + round(rotate_half(x) * sin))',
+    ),
+    'attention': (
+        's = round(q @ k^T); s = round(s * head_dim**-0.5); causal mask;',
+        'p = round(softmax_float32(s)); o = round(p @ v)',
+    ),
+    'swiglu': (
+        'g = linear(x, Wg); u = linear(x, Wu); a = round(silu(g)); h = round(a * u);',
+        'y = linear(h, Wd)',
+    ),
+    'residual add': (
+        'round(x + f(x))',
+    ),
+    'moge_route': (
+        'logits = linear(x, W_gate) (storage dtype); p = softmax in float32;',
+        'weights = p[e] * router_scale[e] in float32 (returned in float32)',
+    ),
+    'moe block': (
+        'w = round(weights); y = 0 in storage dtype; for each selected expert in',
+        'ascending id: y[tok] = round(y[tok] + round(w * expert(x[tok])));',
+        'then y = round(y + shared_expert(x))',
+    ),
+    'logits': (
+        'lm_head = linear, in storage dtype',
+    ),
+}
+
+
+def cast_point_table() -> str:
+    """CAST_POINTS as the fixed-width table of docs/numerics.md."""
+    rule = "=" * 14 + "  " + "=" * 78
+    out = [rule, f"{'operator':<16}cast points", rule]
+    for op, lines in CAST_POINTS.items():
+        out.extend(f"{op if i == 0 else '':<16}{line}".rstrip() for i, line in enumerate(lines))
+    out.append(rule)
+    return "\n".join(out)
+
+
+def cast_point_text(operator: str) -> str:
+    """One operator's rule as a single line (what a golden manifest records)."""
+    return " ".join(line.strip() for line in CAST_POINTS[operator])
 
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -97,3 +136,7 @@ def round_to(x: np.ndarray, dtype) -> np.ndarray:
 def to_storage(x: np.ndarray, dtype) -> np.ndarray:
     """Cast to the storage dtype (round to nearest even); no copy when already there."""
     return np.asarray(x).astype(dtype, copy=False)
+
+
+# the table in the module's help; an assignment, so it is there under python -OO too
+__doc__ = (__doc__ or "") + "\n" + cast_point_table() + "\n"

@@ -194,7 +194,7 @@ def test_is_memory_mapped_is_false_for_ordinary_arrays():
 
 # ---------------------------------------------------------------------- the format itself
 def test_files_read_by_the_reference_safetensors_library(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch  # the test extra; missing means a broken install
     from safetensors.torch import load_file
 
     init_checkpoint("tiny-moge", tmp_path / "b", seed=3, dtype="bf16")
@@ -207,7 +207,7 @@ def test_files_read_by_the_reference_safetensors_library(tmp_path):
 
 
 def test_reads_files_of_the_reference_safetensors_library(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch  # the test extra; missing means a broken install
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
@@ -484,7 +484,7 @@ def test_save_refuses_wrong_weights(tmp_path):
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):
     """A tiny SentencePiece model of 30 pieces trained here."""
-    sentencepiece = pytest.importorskip("sentencepiece")
+    import sentencepiece
     d = tmp_path_factory.mktemp("sp")
     text = d / "text.txt"
     words = ["alpha", "beta", "gamma", "delta", "model", "spec", "numpy", "kernel", "token"]

@@ -148,8 +148,6 @@ def test_a_corrupt_checkpoint_is_one_line_and_exit_2(tmp_path):
                           "already exists")
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")),
-                    reason="the default model has not landed")
 def test_run_with_no_arguments_uses_the_default_model():
     from refimpl.commands.run import DEFAULT_PROMPT
     from refimpl.tokenizer import Tokenizer
@@ -165,8 +163,6 @@ def test_run_with_no_arguments_uses_the_default_model():
     assert f"prompt tokens {len(ids)} | new tokens " in figures and "fp32, numpy" in figures
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")),
-                    reason="the default model has not landed")
 def test_run_chat_with_the_default_model_and_info():
     result = cli("run", "--chat", "--max-new-tokens", "8", "--numerics", "bf16")
     assert result.returncode == 0, result.stderr

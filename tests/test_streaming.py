@@ -72,7 +72,6 @@ def test_streamed_forward_equals_the_loaded_model_bit_for_bit(tiny, numerics):
 
 
 def test_streamed_numba_backend_equals_loaded_numba(tiny):
-    pytest.importorskip("numba")
     streamed = streaming.load_streamed(tiny, numerics="bf16", backend="numba", progress=False)
     loaded = checkpoint.load_model(tiny, numerics="bf16", backend="numba")
     assert np.array_equal(_bits(streamed.forward(IDS)), _bits(loaded.forward(IDS)))
@@ -380,7 +379,6 @@ def test_golden_model_cases_from_a_checkpoint_hold_the_moe_intermediates(tiny, t
     """`golden --model DIR` on a MoGE checkpoint: the layer case holds the router logits,
     expert ids and weights, each selected expert's input and output and the combined output,
     equal to a streamed forward's taps."""
-    pytest.importorskip("refimpl.golden")
     from refimpl.golden_format import find_cases, load_case
 
     out = tmp_path / "golden"

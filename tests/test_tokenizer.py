@@ -217,7 +217,7 @@ def test_corrupt_tokenizer_model(tmp_path):
 
 # ---------------------------------------------------------------------- control pieces
 def test_control_special_pieces_still_map_to_single_ids(tmp_path):
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(["the user asks and the bot answers", "hello world",
                                  "what does the json module do?"] * 50))
@@ -243,7 +243,7 @@ def test_control_special_pieces_still_map_to_single_ids(tmp_path):
 
 
 def test_eos_falls_back_to_end_of_sentence(tmp_path):
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(["hello world", "the json module"] * 50))
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "m"),
