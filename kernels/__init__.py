@@ -23,14 +23,20 @@ Conventions (see each module's docstring for its kernel):
   No BLAS either (see `linear`).
 * `cache=True` everywhere: the first call of the kernels of a dtype compiles them (about
   25-35 s per dtype here; `python -m refimpl bench --only compile`), later processes load
-  them from the cache in kernels/__pycache__ (about 0.1 s). Numba's cache does not notice
-  edits to helper modules (`_vec`, `_dtypes`): delete kernels/__pycache__ after changing
-  them.
+  them from the cache. The cache lives in a directory named after a hash of every kernel
+  source file (`_cache.cache_dir`, kernels/__pycache__/numba-HASH), because Numba's own
+  index only notices edits to the file a function is defined in, not to the helpers it
+  inlines (`_vec`, `_dtypes`): an edit anywhere in kernels/ starts a fresh cache, and code
+  compiled from older sources is never served.
 * Small calls (less than `_dtypes.PARALLEL_MIN_WORK` operations) run on the calling thread;
   REFIMPL_PARALLEL_MIN_WORK=0 forces every kernel onto the thread pool.
 * Unusual dtype mixes or shapes (where a kernel could not reproduce the spec exactly) fall
   back to the spec operator.
 """
+
+from ._cache import use_source_keyed_cache
+
+use_source_keyed_cache()  # before any kernel module is compiled or loaded from a cache
 
 from refimpl.ops import (apply_rope_interleaved, causal_mask, embedding, near_ties, rope_tables,
                          rotate_half, routing_margins, sample, silu, softmax)

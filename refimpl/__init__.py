@@ -3,9 +3,11 @@
     import refimpl
     model = refimpl.init_model("tiny-dense", seed=0, numerics="fp32")
     logits = model.forward([1, 5, 7])          # [T, vocab]
+    model = refimpl.load_model("DIR", numerics="bf16", backend="numba")   # a checkpoint
 """
 
 from .cache import KVCache
+from .checkpoint import load_model
 from .config import PRESET_NAMES, ModelConfig, parameter_count, preset, weight_shapes
 from .errors import RefimplError
 from .generate import generate
@@ -16,5 +18,5 @@ from .taps import Taps
 __version__ = "0.1.0"
 
 __all__ = ["KVCache", "PRESET_NAMES", "ModelConfig", "parameter_count", "preset",
-           "weight_shapes", "RefimplError", "generate", "Model", "init_model", "random_weights",
-           "Taps", "__version__"]
+           "weight_shapes", "RefimplError", "generate", "Model", "init_model", "load_model",
+           "random_weights", "Taps", "__version__"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -31,6 +32,54 @@ _MODEL_TYPE_BY_FAMILY = {DENSE: "PanguEmbedded", MOGE: "PanguProMoE"}
 _ARCH_BY_FAMILY = {DENSE: "PanguEmbeddedForCausalLM", MOGE: "PanguProMoEForCausalLM"}
 _FAMILY_BY_ARCH = {arch: fam for fam, arch in _ARCH_BY_FAMILY.items()}
 ROPE_ANGLE_MODES = ("exact", "float32")
+_TORCH_DTYPES = ("bfloat16", "float16", "float32", "float64")
+#: dataclass field -> its config.json name where they differ
+_HF_NAME = {"rope_angles": "refimpl_rope_angles"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _default_rope_scaling(v) -> bool:
+    return v is None or (isinstance(v, dict) and
+                         v.get("rope_type", v.get("type")) in ("default", None) and
+                         set(v) <= {"rope_type", "type"})
+
+
+#: config.json fields that would change the math and that refimpl does not implement:
+#: field -> (what it is, whether a value leaves the math as refimpl computes it)
+UNIMPLEMENTED_FIELDS = {
+    "rope_scaling": ("RoPE scaling (linear, dynamic NTK, YaRN, ...)", _default_rope_scaling),
+    "sliding_window": ("sliding-window attention", lambda v, d: v is None
+                       or d.get("use_sliding_window") is False),
+    "use_sliding_window": ("sliding-window attention", lambda v: v is False or v is None),
+    "qk_norm": ("QK-norm", lambda v: not v),
+    "use_qk_norm": ("QK-norm", lambda v: not v),
+    "qk_layernorm": ("QK-norm", lambda v: not v),
+    "attn_logit_softcapping": ("attention logit soft-capping", lambda v: v is None),
+    "final_logit_softcapping": ("final logit soft-capping", lambda v: v is None),
+    "mlp_bias": ("MLP biases", lambda v: v is False or v is None),
+    "partial_rotary_factor": ("partial RoPE", lambda v: v is None or v == 1),
+}
+
+
+def _refuse_unimplemented(d: dict) -> None:
+    """ConfigError for the first config.json field that would change the math but is not
+    implemented (silently ignoring it would give numbers for another model)."""
+    for name, (what, neutral) in UNIMPLEMENTED_FIELDS.items():
+        if name not in d:
+            continue
+        value = d[name]
+        ok = neutral(value, d) if neutral.__code__.co_argcount == 2 else neutral(value)
+        if not ok:
+            raise ConfigError(f"config field '{name}': {value!r} asks for {what}, which refimpl "
+                              "does not implement (remove it or set it to null to run the "
+                              "model without it)")
 
 
 @dataclass(frozen=True)
@@ -53,7 +102,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     bos_token_id: int = 1
     pad_token_id: int = 0
-    eos_token_id: int = 45892
+    eos_token_id: int | tuple = 45892  # one id, or a tuple when config.json lists several
     torch_dtype: str = "bfloat16"
     # Pro-MoE (MoGE) fields
     num_experts: int | None = None
@@ -65,10 +114,14 @@ class ModelConfig:
     rope_angles: str = "exact"
 
     def __post_init__(self):
-        if self.head_dim is None:
+        if self.head_dim is None and _is_int(self.hidden_size) and \
+                _is_int(self.num_attention_heads):
             if self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
                 object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))
+        if isinstance(self.mlp_only_layers, (list, tuple)) or not self.mlp_only_layers:
+            object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
@@ -90,6 +143,14 @@ class ModelConfig:
         """Query heads per KV head: query head h reads KV head h // kv_group_size."""
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def eos_token_ids(self) -> tuple:
+        """Every end-of-sequence id (config.json may list several; generation stops at any)."""
+        eos = self.eos_token_id
+        if eos is None:
+            return ()
+        return tuple(eos) if isinstance(eos, (tuple, list)) else (eos,)
+
     def layer_is_moe(self, layer: int) -> bool:
         return self.is_moge and layer not in self.mlp_only_layers
 
@@ -103,10 +164,38 @@ class ModelConfig:
 
         need(self.family in (DENSE, MOGE), "model_type", f"unknown family {self.family!r}")
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "vocab_size"):
+                     "num_key_value_heads", "vocab_size", "max_position_embeddings"):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+            need(_is_int(value) and value > 0, name, f"must be a positive integer, got {value!r}")
+        for name in ("intermediate_size", "head_dim", "num_experts", "num_experts_per_tok",
+                     "moe_intermediate_size", "shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            need(value is None or (_is_int(value) and value > 0), name,
                  f"must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            need(_is_number(value) and math.isfinite(value), name,
+                 f"must be a finite number, got {value!r}")
+        for name in ("tie_word_embeddings", "bias"):
+            value = getattr(self, name)
+            need(isinstance(value, bool), _HF_NAME.get(name, name),
+                 f"must be true or false, got {value!r}")
+        for name in ("hidden_act", "torch_dtype", "rope_angles"):
+            value = getattr(self, name)
+            need(isinstance(value, str), _HF_NAME.get(name, name),
+                 f"must be a string, got {value!r}")
+        need(self.torch_dtype in _TORCH_DTYPES, "torch_dtype",
+             f"must be one of {', '.join(_TORCH_DTYPES)}, got {self.torch_dtype!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            need(value is None or _is_int(value), name,
+                 f"must be an integer token id, got {value!r}")
+        eos = self.eos_token_ids
+        need(all(_is_int(v) for v in eos) and (eos or self.eos_token_id is None),
+             "eos_token_id", f"must be a token id or a non-empty list of them, got "
+                             f"{self.eos_token_id!r}")
+        need(all(_is_int(v) for v in self.mlp_only_layers), "mlp_only_layers",
+             f"must be a list of layer indices, got {list(self.mlp_only_layers)!r}")
         need(self.hidden_size % self.num_attention_heads == 0 or self.head_dim is not None,
              "num_attention_heads",
              f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size}"
@@ -124,10 +213,12 @@ class ModelConfig:
              f"only 'silu' is specified, got {self.hidden_act!r}")
         need(self.rope_angles in ROPE_ANGLE_MODES, "refimpl_rope_angles",
              f"must be one of {ROPE_ANGLE_MODES}, got {self.rope_angles!r}")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(self, name)
-            need(value is None or 0 <= value < self.vocab_size, name,
-                 f"{value} is outside the vocabulary [0, {self.vocab_size})")
+        for name, values in (("bos_token_id", [self.bos_token_id]),
+                             ("eos_token_id", self.eos_token_ids),
+                             ("pad_token_id", [self.pad_token_id])):
+            for value in values:
+                need(value is None or 0 <= value < self.vocab_size, name,
+                     f"{value} is outside the vocabulary [0, {self.vocab_size})")
         dense_layers = [i for i in range(self.num_hidden_layers) if not self.layer_is_moe(i)]
         if dense_layers:
             need(isinstance(self.intermediate_size, int) and self.intermediate_size > 0,
@@ -168,16 +259,25 @@ class ModelConfig:
             if name not in kwargs:
                 raise ConfigError(f"config field '{name}': missing")
         kwargs.setdefault("num_key_value_heads", kwargs["num_attention_heads"])
+        _refuse_unimplemented(d)
+        if "attention_bias" in d and not isinstance(d["attention_bias"], bool):
+            raise ConfigError(f"config field 'attention_bias': must be true or false, got "
+                              f"{d['attention_bias']!r}")
         if "attention_bias" in d and "bias" not in d:
-            kwargs["bias"] = bool(d["attention_bias"])
+            kwargs["bias"] = d["attention_bias"]
         if isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+            kwargs["eos_token_id"] = tuple(kwargs["eos_token_id"])
+        if isinstance(kwargs.get("mlp_only_layers"), list):
+            kwargs["mlp_only_layers"] = tuple(kwargs["mlp_only_layers"])
+        elif "mlp_only_layers" in kwargs:
+            raise ConfigError(f"config field 'mlp_only_layers': must be a list of layer "
+                              f"indices, got {kwargs['mlp_only_layers']!r}")
         if family == MOGE and "rope_theta" not in d:
             kwargs["rope_theta"] = 16_000_000.0
         if "refimpl_rope_angles" in d:
             kwargs["rope_angles"] = d["refimpl_rope_angles"]
         for name in ("rms_norm_eps", "rope_theta"):
-            if name in kwargs and isinstance(kwargs[name], int):
+            if name in kwargs and _is_int(kwargs[name]):
                 kwargs[name] = float(kwargs[name])
         try:
             return cls(family=family, **kwargs)

@@ -347,7 +347,17 @@ def load_case(path: str, verify: bool = True) -> LoadedCase:
         raise GoldenError(f"{path}: no such golden case directory")
     manifest = read_manifest(path)
     tensors = read_tensors_file(os.path.join(path, manifest.get("tensors_file", TENSORS_NAME)))
-    for entry in manifest["tensors"]:
+    for i, entry in enumerate(manifest["tensors"]):
+        if not isinstance(entry, dict):
+            raise GoldenError(f"{path}: manifest tensors[{i}] is {type(entry).__name__}, not "
+                              "an object")
+        for key in ("name", "role", "dtype", "shape"):
+            if key not in entry:
+                raise GoldenError(f"{path}: manifest tensors[{i}] "
+                                  f"({entry.get('name', 'unnamed')}) has no {key!r}")
+        if entry["role"] not in ROLES:
+            raise GoldenError(f"{path}: manifest tensors[{i}] ({entry['name']}): role "
+                              f"{entry['role']!r} is not one of {', '.join(ROLES)}")
         name = entry.get("name")
         if name not in tensors:
             raise GoldenError(f"{path}: tensor {name} of the manifest is missing from "

@@ -226,3 +226,22 @@ def test_run_a_preset_with_a_smaller_tokenizer(sp_model):  # noqa: F811
                  "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("delta")  # ids past the 30 pieces show as <id N>
+
+
+@pytest.mark.parametrize("option, value", [("--temperature", "nan"), ("--temperature", "inf"),
+                                           ("--temperature", "-1"), ("--top-p", "nan"),
+                                           ("--top-k", "-2")])
+def test_non_finite_or_negative_sampling_values_are_refused(option, value):
+    result = cli("run", "--model", "tiny-dense", "--token-ids", "1,2", option, value)
+    assert_one_line_error(result, option)
+
+
+def test_more_new_tokens_than_positions_stops_cleanly():
+    """tiny-dense has 512 positions: a 500-token prompt leaves room for 13 new tokens."""
+    ids = ",".join(str(1 + i % 200) for i in range(500))
+    result = cli("run", "--model", "tiny-dense", "--token-ids", ids, "--max-new-tokens", "40")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) == 13
+    stats = result.stderr.strip().splitlines()[-1]
+    assert "new tokens 13 (stopped: all 512 positions (max_position_embeddings) used; 40 " \
+           "were asked for)" in stats, stats

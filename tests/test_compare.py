@@ -498,3 +498,37 @@ def test_k_error_rule():
     assert ok and d["ratio"] == 2.0
     assert not judge_k_error(np.array([0.0, 0.021, 0, 0]), spec, ref, 2.0, 0.0)[0]
     assert judge_k_error(np.array([0.0, 0.021, 0, 0]), spec, ref, 2.0, 1e-3)[0]
+
+
+@pytest.mark.parametrize("label, edit, fragment", [
+    ("no role", lambda m: m["tensors"][0].pop("role"), "has no 'role'"),
+    ("not an object", lambda m: m["tensors"].__setitem__(0, "x"), "is str, not an object"),
+    ("bad role", lambda m: m["tensors"][0].__setitem__("role", "weight"), "role 'weight'"),
+    ("text tolerance", lambda m: next(e for e in m["tensors"] if e["role"] == "output")
+     .__setitem__("tolerance", {"rtol": "0.01", "atol": 0}), "needs numeric rtol and atol"),
+    ("unknown criterion", lambda m: next(e for e in m["tensors"] if e["role"] == "output")
+     .__setitem__("criterion", {"name": "close-enough"}), "unknown criterion"),
+    ("text k", lambda m: next(e for e in m["tensors"] if e["role"] == "output")
+     .__setitem__("criterion", {"name": "k-error", "k": "two"}), "is not a number"),
+])
+def test_a_malformed_manifest_makes_that_case_unusable_and_the_others_are_judged(
+        tmp_path, label, edit, fragment):
+    golden = tmp_path / "g"
+    for name in ("tiny-dense-rope-bf16", "tiny-moge-moe-bf16"):
+        shutil.copytree(case_path(name), golden / name)
+    shutil.copytree(golden, tmp_path / "c")          # the golden outputs as the candidate
+    manifest = golden / "tiny-dense-rope-bf16" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    edit(m)
+    manifest.write_text(json.dumps(m))
+    result = cli(golden, tmp_path / "c")
+    assert result.returncode == 2, (label, result.stdout)
+    assert "Traceback" not in result.stdout + result.stderr
+    report = verdict(str(golden), str(tmp_path / "c"))
+    by_case = {c["case"]: c for c in report["cases"]}
+    assert by_case["tiny-moge-moe-bf16"]["verdict"] == "pass"
+    bad = next(c for c in report["cases"] if c["case"] != "tiny-moge-moe-bf16")
+    assert bad["verdict"] == "unusable"
+    text = bad.get("reason") or " ".join(o["reason"] for o in bad["outputs"]
+                                         if o["verdict"] == "unusable")
+    assert fragment in text and "\n" not in text, (label, text)

@@ -103,3 +103,75 @@ def test_unreadable_config_file(tmp_path):
         ModelConfig.from_json(str(bad))
     with pytest.raises(ConfigError, match="no such file"):
         ModelConfig.from_json(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_position_embeddings", "32768"), ("hidden_size", 1536.0), ("num_hidden_layers", True),
+    ("intermediate_size", "6144"), ("head_dim", 12.5), ("rms_norm_eps", "1e-5"),
+    ("rope_theta", "4e6"), ("rope_theta", float("nan")),
+    ("tie_word_embeddings", "true"), ("tie_word_embeddings", 1), ("bias", 0),
+    ("attention_bias", "yes"), ("hidden_act", 3), ("torch_dtype", "int8"),
+    ("bos_token_id", "1"), ("eos_token_id", [45892, "x"]), ("eos_token_id", []),
+    ("pad_token_id", 0.5), ("refimpl_rope_angles", 32),
+])
+def test_every_config_field_is_type_checked(field, value):
+    """A value of the wrong type is one ConfigError naming the field (a string
+    max_position_embeddings was an internal TypeError before)."""
+    d = {k: v for k, v in EMBEDDED_1B_JSON.items() if not (field == "attention_bias"
+                                                            and k == "bias")}
+    with pytest.raises(ConfigError, match=f"config field '{field}'"):
+        ModelConfig.from_hf_dict({**d, field: value})
+
+
+def test_moe_fields_are_type_checked():
+    d = preset("tiny-moge").to_hf_dict()
+    for field, value in (("num_experts", "12"), ("moe_intermediate_size", 32.0),
+                         ("num_experts_per_tok", False), ("mlp_only_layers", 0),
+                         ("mlp_only_layers", ["0"])):
+        with pytest.raises(ConfigError, match=f"config field '{field}'"):
+            ModelConfig.from_hf_dict({**d, field: value})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}),
+    ("sliding_window", 4096), ("use_sliding_window", True), ("qk_norm", True),
+    ("use_qk_norm", True), ("qk_layernorm", True), ("attn_logit_softcapping", 50.0),
+    ("final_logit_softcapping", 30.0), ("mlp_bias", True), ("partial_rotary_factor", 0.5),
+])
+def test_fields_that_would_change_the_math_are_refused(field, value):
+    with pytest.raises(ConfigError, match=f"config field '{field}'.*does not implement"):
+        ModelConfig.from_hf_dict({**EMBEDDED_1B_JSON, field: value})
+
+
+@pytest.mark.parametrize("extra", [
+    {"rope_scaling": None}, {"rope_scaling": {"rope_type": "default"}},
+    {"sliding_window": None}, {"sliding_window": 4096, "use_sliding_window": False},
+    {"qk_norm": False}, {"attn_logit_softcapping": None}, {"mlp_bias": False},
+    {"partial_rotary_factor": 1.0}, {"attention_bias": True},
+])
+def test_neutral_values_of_those_fields_are_accepted(extra):
+    d = {k: v for k, v in EMBEDDED_1B_JSON.items() if k != "bias"}
+    assert ModelConfig.from_hf_dict({**d, **extra}) == preset("embedded-1b")
+
+
+def test_an_eos_list_keeps_every_id():
+    c = ModelConfig.from_hf_dict({**EMBEDDED_1B_JSON, "eos_token_id": [45892, 45893, 2]})
+    assert c.eos_token_ids == (45892, 45893, 2)
+    assert c.to_hf_dict()["eos_token_id"] == [45892, 45893, 2]
+    assert ModelConfig.from_hf_dict(c.to_hf_dict()) == c
+    with pytest.raises(ConfigError, match="'eos_token_id': 160000 is outside"):
+        ModelConfig.from_hf_dict({**EMBEDDED_1B_JSON, "eos_token_id": [45892, 160000]})
+
+
+def test_generation_stops_at_any_eos_id():
+    import numpy as np
+
+    import refimpl
+
+    model = refimpl.init_model("tiny-dense", seed=0)
+    free = list(refimpl.generate(model, [1, 2, 3], max_new_tokens=6, stop_at_eos=False))
+    stop = free[2]
+    model.config = model.config.replace(eos_token_id=(250, stop))
+    assert list(refimpl.generate(model, [1, 2, 3], max_new_tokens=6)) == free[:free.index(stop) + 1]
+    assert np.isfinite(stop)

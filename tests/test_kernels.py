@@ -468,3 +468,23 @@ def test_real_shapes_embedded_1b_layer():
         check(K.swiglu(x, wg, wu, wd), ops.swiglu(x, wg, wu, wd), "reduce", "bf16")
         q, k, v = randn(rng, (T, 12, D), dt), randn(rng, (300, 6, D), dt), randn(rng, (300, 6, D), dt)
         check(K.attention(q, k, v), ops.attention(q, k, v), "flash" if T > 1 else "reduce", "bf16")
+
+
+def test_the_numba_cache_is_keyed_on_every_kernel_source(tmp_path):
+    """Compiled code is looked up in a directory named after a hash of all kernels/*.py:
+    an edit to a helper module (which Numba's own index does not notice) changes it."""
+    import shutil
+
+    import numba
+
+    from refimpl.kernels import _cache
+
+    here = os.path.dirname(_cache.__file__)
+    assert numba.config.CACHE_DIR == _cache.cache_dir(here)
+    assert os.path.basename(numba.config.CACHE_DIR) == f"numba-{_cache.source_hash(here)}"
+    copy = tmp_path / "kernels"
+    shutil.copytree(here, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert _cache.source_hash(str(copy)) == _cache.source_hash(here)
+    with open(copy / "_vec.py", "a") as fh:
+        fh.write("\n# an edit\n")
+    assert _cache.source_hash(str(copy)) != _cache.source_hash(here)

@@ -187,3 +187,12 @@ def test_embedded_1b_runs_at_real_shape_in_bf16():
     assert logits.shape == (1, 153376) and np.all(np.isfinite(logits.astype(np.float32)))
     step = model.forward(np.array([45892]), cache, last_only=True)
     assert np.all(np.isfinite(step.astype(np.float32)))
+
+
+def test_load_model_is_at_the_top_level():
+    import refimpl.checkpoint
+
+    assert refimpl.load_model is refimpl.checkpoint.load_model
+    model = refimpl.load_model(refimpl.checkpoint.DEFAULT_MODEL_DIR, numerics="bf16",
+                               backend="numpy")
+    assert model.numerics == "bf16" and model.config.family == "dense"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -84,8 +85,8 @@ def parse_token_ids(text: str) -> list:
 def _check_options(args) -> None:
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise InputError(f"--temperature must be >= 0, got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k < 0:
         raise InputError(f"--top-k must be >= 0, got {args.top_k}")
     if not 0.0 < args.top_p <= 1.0:
@@ -175,7 +176,7 @@ def main(args) -> int:
     tokenizer = open_tokenizer(args, model_dir, config)
     ids, echo = prompt_ids(args, tokenizer, config)
     model.check_token_ids(ids)
-    eos = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
+    eos = {tokenizer.eos_id} if tokenizer is not None else set(config.eos_token_ids)
     as_text = tokenizer is not None and not args.print_ids
     out = sys.stdout
     stream = tokenizer.stream_decoder() if as_text else None
@@ -184,10 +185,13 @@ def main(args) -> int:
         out.write("".join(stream.feed(token) for token in ids[skip:]))
         out.flush()
 
+    # the k-th new token comes from the logits at position len(ids) + k - 2
+    room = config.max_position_embeddings - len(ids) + 1
+    wanted = min(args.max_new_tokens, room)
     new = []
     start = time.perf_counter()
     first = last = None
-    tokens = generate(model, ids, max_new_tokens=args.max_new_tokens,
+    tokens = generate(model, ids, max_new_tokens=wanted,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       seed=args.seed, eos_id=eos)
     for token in tokens:
@@ -195,12 +199,12 @@ def main(args) -> int:
         first = first or last
         new.append(int(token))
         if as_text:
-            if token != eos:
+            if token not in eos:
                 out.write(_text(stream, tokenizer, int(token)))
         else:
             out.write(("" if len(new) == 1 else " ") + str(int(token)))
         out.flush()
-        if len(new) == args.max_new_tokens or token == eos:
+        if len(new) == wanted or token in eos:
             break  # do not resume the generator: it would run one more forward
     end = time.perf_counter()
     if as_text:
@@ -210,7 +214,10 @@ def main(args) -> int:
 
     prefill = (first or end) - start
     decode = f"{(len(new) - 1) / (last - first):.2f} tokens/s" if len(new) > 1 else "n/a"
-    stop = " (stopped at eos)" if new and new[-1] == eos else ""
+    stop = " (stopped at eos)" if new and new[-1] in eos else ""
+    if not stop and wanted < args.max_new_tokens:
+        stop = (f" (stopped: all {config.max_position_embeddings} positions "
+                f"(max_position_embeddings) used; {args.max_new_tokens} were asked for)")
     print(f"[prompt tokens {len(ids)} | new tokens {len(new)}{stop} | prefill {prefill:.3f} s | "
           f"decode {decode} | {args.numerics}, {args.backend}]", file=sys.stderr)
     if args.stream:

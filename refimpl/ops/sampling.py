@@ -18,8 +18,8 @@ def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: 
     renormalise and draw with u = rng.random() by inverse CDF over that order. The same
     seed gives the same tokens.
     """
-    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-        raise InputError(f"sampling: need temperature >= 0, 0 < top_p <= 1, top_k >= 0 "
+    if not np.isfinite(temperature) or temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+        raise InputError(f"sampling: need a finite temperature >= 0, 0 < top_p <= 1, top_k >= 0 "
                          f"(got {temperature}, {top_p}, {top_k})")
     z = np.asarray(logits, dtype=np.float64).reshape(-1)
     if temperature == 0.0:
