@@ -1,4 +1,4 @@
-"""Attention with GQA (no K/V copies per query head): a decode kernel and a flash prefill kernel.
+"""Attention with GQA (no K/V copies per query head): decode, blocked prefill and flash kernels.
 
 Both read KV head h // (Hq / Hkv) for query head h straight from k and v, and both round the
 scores as the spec does: s = round(round(q . k) * scale) in the storage dtype. Float32 exp is
@@ -8,7 +8,14 @@ scores as the spec does: s = round(round(q . k) * scale) in the storage dtype. F
   The scores of the row are kept (S values), then exactly the spec's cast points:
   p = round(softmax_float32(s)), o = round(sum_j p_j v_j). It differs from the spec only in
   summation orders (q . k in 16 lanes, softmax denominator and p @ v in key order) and exp.
-* `_flash` (prefill): one task per (head, block of BQ queries), keys in blocks of BK, an
+* `_blocks` (prefill, the default for T > 1): one task per (head, block of BQ queries); the
+  scores of the block's rows against every visible key are computed with the keys
+  transposed in blocks of BK (vector lanes along keys, K read once per query block), held
+  (BQ x S float32: 4 MiB at S = 32768), and then each row takes exactly the spec's cast
+  points, as `_attn_row`. It equals the spec bit for bit wherever the sums are exact
+  (tests/test_kernels.py, exact inputs) and differs otherwise only in summation order and
+  exp, like the decode kernel.
+* `_flash` (`flash=True`): one task per (head, block of BQ queries), keys in blocks of BK, an
   online softmax with running max m and sum l, never holding more than BQ x BK scores.
   Deliberate differences from the spec: the probabilities are *not* rounded to the storage
   dtype before multiplying V (they are exp(s - m) in float32, rescaled as m grows), the
@@ -84,6 +91,72 @@ def _attn_row(q, k, v, scale, causal, task, out):
     axpy_rows(o, 0, s, 0, v, hk * D, Hkv * D, n, D)     # o = sum_j p_j v_j, in key order
     for d in range(D):
         st(out, (t, h, d), o[d])
+
+
+@numba.njit(parallel=True, cache=True)
+def _blocks(q, kT, v, scale, causal, bq, par, out):
+    """Exact cast points over (head, query block) tasks.
+
+    # q [T, Hq, D], kT [Hkv, S/bk, D, bk], v [S, Hkv, D] -> out [T, Hq, D]
+    """
+    n = q.shape[1] * ((q.shape[0] + bq - 1) // bq)
+    if par:
+        for task in prange(n):
+            _block_task(q, kT, v, scale, causal, bq, task, out)
+    else:
+        for task in range(n):
+            _block_task(q, kT, v, scale, causal, bq, task, out)
+
+
+@numba.njit(cache=True)
+def _block_task(q, kT, v, scale, causal, bq, task, out):
+    """Head h = task // nqb, queries t0 .. t0+nq-1: all their scores (q . k summed over d in
+    order with fma, lanes along keys), then per row the spec's roundings: s = round(round(
+    q . k) * scale), p = round(exp(s - max) / sum), o = round(sum_j p_j v_j) in key order."""
+    T, Hq, D = q.shape
+    Hkv, nkb, bk = kT.shape[0], kT.shape[1], kT.shape[3]
+    S = v.shape[0]
+    group = Hq // Hkv
+    offset = S - T
+    nqb = (T + bq - 1) // bq
+    z = acc_zero(q)
+    h = task // nqb
+    hk = h // group
+    t0 = (task - h * nqb) * bq
+    nq = min(T, t0 + bq) - t0
+    kend = min(S, offset + t0 + nq) if causal else S
+    s = np.full((nq, kend), z)
+    qa = np.empty((nq, D), s.dtype)
+    for i in range(nq):
+        for d in range(D):
+            qa[i, d] = ld(q, (t0 + i, h, d))
+    for j0 in range(0, kend, bk):
+        nk = min(kend, j0 + bk) - j0
+        for i in range(nq):
+            lim = min(nk, offset + t0 + i + 1 - j0) if causal else nk
+            if lim > 0:
+                axpy_rows(s, i * kend + j0, qa, i * D, kT, (hk * nkb + j0 // bk) * D * bk, bk,
+                          D, lim)                                         # q . k
+    o = np.empty(D, s.dtype)
+    for i in range(nq):
+        n = min(kend, offset + t0 + i + 1) if causal else kend
+        for j in range(n):
+            s[i, j] = rnd(rnd(s[i, j], q) * scale, q)                   # spec's score roundings
+        m = s[i, 0]
+        for j in range(1, n):
+            m = max(m, s[i, j])
+        for j in range(n):
+            s[i, j] = vexp(s[i, j] - m)
+        tot = z
+        for j in range(n):
+            tot += s[i, j]
+        for j in range(n):
+            s[i, j] = rnd(s[i, j] / tot, q)                             # p, rounded as the spec
+        for d in range(D):
+            o[d] = z
+        axpy_rows(o, 0, s, i * kend, v, hk * D, Hkv * D, n, D)          # o = sum_j p_j v_j
+        for d in range(D):
+            st(out, (t0 + i, h, d), o[d])
 
 
 @numba.njit(parallel=True, cache=True)
@@ -197,7 +270,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True,
 
     # q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, D] -> [T, Hq, D]
     The T queries are the last T of the S positions (as `refimpl.ops.attention`).
-    flash=None picks the decode kernel for T == 1 and the flash kernel otherwise.
+    flash=None picks the decode kernel for T == 1 and the blocked exact-cast-point kernel
+    otherwise (both follow the spec's roundings); flash=True the online-softmax kernel
+    (probabilities not rounded: see the module docstring); flash=False the decode kernel.
     """
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     check_dtype(q, "attention")
@@ -215,13 +290,14 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True,
     if q.size == 0 or S == 0:
         return out
     qr, kr, vr = raw(q), raw(k), raw(v)
-    if flash is None:
-        flash = T > 1
     par = parallel(T * Hq * S * D // (2 if causal and T > 1 else 1))
+    if flash is False or (flash is None and T == 1):
+        _attn_rows(qr, kr, vr, sc, bool(causal), par, out_raw)
+        return out
+    kT = np.empty((Hkv, -(-S // BLOCK_K), D, BLOCK_K), acc)   # keys transposed, widened
+    _transpose_keys(kr, parallel(k.size), kT)
     if flash:
-        kT = np.empty((Hkv, -(-S // BLOCK_K), D, BLOCK_K), acc)   # keys transposed, widened
-        _transpose_keys(kr, parallel(k.size), kT)
         _flash(qr, kT, vr, sc, bool(causal), BLOCK_Q, BLOCK_K, par, out_raw)
     else:
-        _attn_rows(qr, kr, vr, sc, bool(causal), par, out_raw)
+        _blocks(qr, kT, vr, sc, bool(causal), BLOCK_Q, par, out_raw)
     return out

@@ -33,7 +33,9 @@ from .conftest import rel_err
 # relative to the max |value| of the reference; bf16: 4 bf16 ulps of the scale for one block
 # (the transcription sums the experts token by token, refimpl in Hugging Face's index_add
 # order), twice that for the 3-layer model
-TOL = {"fp32": 1e-5, "fp64": 1e-12, "bf16": 4 * 2.0 ** -8}
+#: measured (docs/crosschecks.md): fp32 block 3.4e-7 (tiny), 8.1e-7 (real width), model
+#: logits 3.1e-7; fp64 <= 6.6e-16; bf16 block 4.5e-3 (~1 ulp), model 1.4e-2 (~4 ulps)
+TOL = {"fp32": 1.5e-6, "fp64": 1e-15, "bf16": 2 * 2.0 ** -8}
 TORCH_DTYPE = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 NP_DTYPE = {"fp32": np.float32, "fp64": np.float64, "bf16": bfloat16}
 
@@ -278,7 +280,7 @@ def test_tiny_moge_model_equals_torch_transcription(mode):
     figures = {"logits_max_rel": err,
                "logits_max_abs": float(np.abs(logits.astype(np.float64) - ref).max()),
                **layer_errs}
-    tol = TOL[mode] if mode != "bf16" else 2 * TOL[mode]
+    tol = TOL[mode] if mode != "bf16" else 3 * TOL[mode]   # 6 ulps; measured 4.3 (layer 2)
     if mode == "bf16":
         with torch.no_grad():
             exact, _ = torch_forward(c, {n: w.double() for n, w in W.items()}, ids,

@@ -36,8 +36,9 @@ OPSET = 23
 EPS = 1e-5
 HEAD_DIM = 128
 # fp32 attention, relative to max |output|: ONNX scales q and k by sqrt(scale) each, refimpl
-# scales q k^T once, so the roundings differ (measured <= 2e-6 at T=64)
-ATTN_TOL = 1e-5
+# scales q k^T once, so the roundings differ (measured: <= 6.1e-7 at T <= 16 and in decode,
+# 1.8e-6 at T = 64; docs/crosschecks.md states "to 2e-6")
+ATTN_TOL = 2e-6
 _ELEM = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE,
          np.dtype(np.int64): TensorProto.INT64, np.dtype(np.bool_): TensorProto.BOOL}
 
@@ -88,7 +89,8 @@ def test_rms_norm_equals_onnx(hidden, dtype):
     report(f"onnx RMSNormalization hidden={hidden} {np.dtype(dtype).name}", **fig,
            max_rel_with_float64_eps=eps_effect)
     assert ours.dtype == ref.dtype == dtype
-    assert fig["max_rel"] <= (1e-6 if dtype == np.float32 else 1e-15)
+    np.testing.assert_array_equal(ours, ref)                    # bit-equal, as documented
+    assert eps_effect <= (0.0 if dtype == np.float32 else 2e-14)
 
 
 # ---------------------------------------------------------------------- RoPE
@@ -119,7 +121,7 @@ def test_rotary_embedding_rotate_half_equals_onnx(heads, theta):
     ref = onnx_rope(x, positions, theta, max_pos, interleaved=False)
     fig = agreement(ours, ref)
     report(f"onnx RotaryEmbedding interleaved=0 heads={heads} theta={theta:.3g}", **fig)
-    assert fig["max_rel"] <= 1e-6
+    np.testing.assert_array_equal(ours, ref)                    # bit-equal, as documented
 
 
 def test_rotary_embedding_interleaved_equals_apply_rope_interleaved():
@@ -134,7 +136,7 @@ def test_rotary_embedding_interleaved_equals_apply_rope_interleaved():
     other = rel_err(ops.apply_rope(x, cos, sin), ref)
     report("onnx RotaryEmbedding interleaved=1 vs apply_rope_interleaved", **fig,
            rotate_half_vs_interleaved_rel=other)
-    assert fig["max_rel"] <= 1e-6
+    np.testing.assert_array_equal(ours, ref)                    # bit-equal, as documented
     assert other > 0.1
 
 

@@ -282,27 +282,29 @@ plt.tight_layout()
 # ### The Numba kernel
 #
 # `refimpl.kernels` (the Numba backend, `Model(..., backend="numba")`) exposes the same
-# operator names as `refimpl.ops`. Its `attention` picks a decode kernel for one query and
-# a **flash kernel** for prefill: one task per (head, block of `BLOCK_Q` queries), keys in
-# blocks of `BLOCK_K`, exactly the running max / running sum / rescaled accumulator above.
-# It rounds the scores as the spec does, but keeps the probabilities in float32 and divides
-# once at the end, so in bf16 it skips the spec's rounding of every probability to 8 bits.
-# In float64 the only difference from the spec is summation order. In bf16 it is judged
-# against the float64 reference (notebook 5's k-error rule); here both round the same bf16
-# scores (of size ~4, where a bf16 ulp is 0.03), which dominates both errors:
+# operator names as `refimpl.ops`. By default its `attention` follows the spec's cast points
+# (a decode kernel for one query, a blocked prefill kernel that computes a block of queries'
+# scores, then rounds the probabilities as the spec does). `flash=True` selects a **flash
+# kernel**: one task per (head, block of `BLOCK_Q` queries), keys in blocks of `BLOCK_K`,
+# exactly the running max / running sum / rescaled accumulator above. It rounds the scores
+# as the spec does, but keeps the probabilities in float32 and divides once at the end, so in
+# bf16 it skips the spec's rounding of every probability to 8 bits. In float64 the only
+# difference from the spec is summation order. In bf16 it is judged against the float64
+# reference (notebook 5's k-error rule); here both round the same bf16 scores (of size ~4,
+# where a bf16 ulp is 0.03), which dominates both errors:
 
 # %%
 from refimpl import kernels
 from refimpl.kernels.attention import BLOCK_K, BLOCK_Q
 from refimpl.numerics import bfloat16
 print(f"flash tiles: {BLOCK_Q} queries x {BLOCK_K} keys")
-err64 = np.abs(kernels.attention(q, k, v) - spec).max()
+err64 = np.abs(kernels.attention(q, k, v, flash=True) - spec).max()
 print(f"float64: kernel vs spec {err64:.1e}, kernel vs the NumPy online softmax "
-      f"{np.abs(kernels.attention(q, k, v) - attention_online(q, k, v, BLOCK_K)).max():.1e}")
+      f"{np.abs(kernels.attention(q, k, v, flash=True) - attention_online(q, k, v, BLOCK_K)).max():.1e}")
 assert err64 < 1e-12
 qb, kb, vb = (a.astype(bfloat16) for a in (q, k, v))
 ref = ops.attention(*(a.astype(np.float64) for a in (qb, kb, vb)))      # float64, same rounded inputs
 spec_err = np.abs(ops.attention(qb, kb, vb).astype(np.float64) - ref).max()
-kern_err = np.abs(kernels.attention(qb, kb, vb).astype(np.float64) - ref).max()
+kern_err = np.abs(kernels.attention(qb, kb, vb, flash=True).astype(np.float64) - ref).max()
 print(f"bf16: max error vs float64 reference: spec {spec_err:.2e}, flash kernel {kern_err:.2e}")
 assert kern_err <= 2 * spec_err
