@@ -530,32 +530,36 @@ def _moe_cases(ctx: _Ctx) -> list:
 
 
 # ---------------------------------------------------------------------- model cases
-class _Float64Weights(Mapping):
-    """name -> the model's weight rounded to its storage dtype, then upcast to float64."""
+class _StoredWeights(Mapping):
+    """name -> the low-precision model's weight in its storage dtype (`model.w`: the mapped
+    array itself when the checkpoint stores that dtype)."""
 
-    def __init__(self, weights, dtype):
-        self.weights, self.dtype = weights, dtype
+    def __init__(self, model):
+        self.model = model
 
     def __getitem__(self, name):
-        return np.asarray(self.weights[name]).astype(self.dtype).astype(np.float64)
+        return self.model.w(name)
 
     def __contains__(self, name):
-        return name in self.weights
+        return name in self.model.weights
 
     def __iter__(self):
-        return iter(self.weights)
+        return iter(self.model.weights)
 
     def __len__(self):
-        return len(self.weights)
+        return len(self.model.weights)
 
 
 def reference_model(model):
-    """The same model in float64 numerics, its weights the model's rounded weights upcast
-    (converted when used, so memory stays per tensor)."""
+    """The same model in float64 numerics on the model's rounded weights. The weights stay
+    in their storage dtype and each operator upcasts them exactly where they are used
+    (`Model(upcast_weights=False)`: linear converts a block of rows at a time, at most
+    `refimpl.ops.basic.LINEAR_BLOCK_BYTES`; the embedding only the looked-up rows), so no
+    float64 copy of a large weight is made and memory does not grow with the checkpoint."""
     from .model import Model
 
-    return Model(model.config, _Float64Weights(model.weights, model.dtype), numerics="fp64",
-                 lazy=True, check=False)
+    return Model(model.config, _StoredWeights(model), numerics="fp64", lazy=True, check=False,
+                 upcast_weights=False)
 
 
 def _produced_by(config: ModelConfig, i: int, tap: str) -> dict | None:

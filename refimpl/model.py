@@ -29,10 +29,15 @@ class Model:
     backend: 'numpy' (the spec) | 'numba' (the fast kernels).
     lazy: convert each weight to the storage dtype when it is used instead of up front, so a
     memory-mapped checkpoint is read layer by layer and only selected experts are touched.
+    upcast_weights=False (with lazy): hand every weight to the operators in the dtype it is
+    stored in; each operator upcasts it exactly where it is used (linear a block of rows at a
+    time, the embedding only the looked-up rows). This is the float64 reference of a
+    low-precision model (`refimpl.golden.reference_model`): no float64 copy of a large weight
+    is ever made.
     """
 
     def __init__(self, config, weights, numerics: str = "fp32", backend: str = "numpy",
-                 lazy: bool = False, check: bool = True):
+                 lazy: bool = False, check: bool = True, upcast_weights: bool = True):
         self.config: ModelConfig = resolve_config(config)
         self.numerics = numerics
         self.dtype = storage_dtype(numerics)
@@ -41,6 +46,7 @@ class Model:
         if check:
             check_weights(self.config, weights)
         self.lazy = lazy
+        self.upcast_weights = upcast_weights or not lazy
         if lazy:
             self.weights = weights
         else:
@@ -49,9 +55,11 @@ class Model:
 
     # ------------------------------------------------------------------ weights
     def w(self, name: str) -> np.ndarray:
-        """The named weight in the storage dtype."""
+        """The named weight in the storage dtype (as stored, with upcast_weights=False)."""
         arr = self.weights[name]
-        return arr if arr.dtype == self.dtype else np.asarray(arr).astype(self.dtype)
+        if arr.dtype == self.dtype or not self.upcast_weights:
+            return arr
+        return np.asarray(arr).astype(self.dtype)
 
     def _opt(self, name: str):
         return self.w(name) if name in self.weights else None
@@ -103,6 +111,7 @@ class Model:
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, angles=c.rope_angles,
                                dtype=accum_dtype(self.dtype))  # [T, D] each
         x = ops.embedding(ids, self.w("model.embed_tokens.weight"))  # [T, H]
+        x = x.astype(self.dtype, copy=False)       # the rows only, if the table is stored lower
         if taps is not None:
             taps.record("embed", x)
         for i in range(c.num_hidden_layers):

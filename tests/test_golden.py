@@ -183,11 +183,14 @@ def test_default_tolerances_are_torch_assert_close():
 
 
 def test_cast_point_table_is_read_from_numerics():
-    table = gf._cast_point_table()
-    for op in ("embedding", "linear", "rms_norm", "rope tables", "apply_rope", "attention",
-               "swiglu", "residual add", "moge_route", "moe block", "logits"):
-        assert table.get(op), op
+    names = ("embedding", "linear", "rms_norm", "rope tables", "apply_rope", "attention",
+             "swiglu", "residual add", "moge_route", "moe block", "logits")
+    table = gf.cast_points(names)
+    for op in names:
+        assert table[op], op
     assert "before" in table["rms_norm"]  # a continuation line was joined
+    with pytest.raises(RuntimeError, match="no row"):
+        gf.cast_points(["no such operator"])
 
 
 def test_rope_angle_mode_is_recorded_and_used():
