@@ -286,6 +286,11 @@ def op_cases(quick: bool, numerics: str):
                      lambda q=q, k=k, v=v: K.attention(q, k, v),
                      tops and (lambda tq=tq, tk=tk, tv=tv, c=T > 1:
                                tops["attention"](tq, tk, tv, c)))
+            if T > 1:  # the opt-in online-softmax kernel beside the default (exact roundings)
+                add_case("attention flash", f"{tag} T={T} {what} {Hq}/{Hkv} heads",
+                         lambda q=q, k=k, v=v: ops.attention(q, k, v),
+                         lambda q=q, k=k, v=v: K.attention(q, k, v, flash=True),
+                         tops and (lambda tq=tq, tk=tk, tv=tv: tops["attention"](tq, tk, tv, True)))
             add_case("swiglu", f"{tag} T={T} [{T},{H}] I={I}",
                      lambda x=x: ops.swiglu(x, wg, wu, wd), lambda x=x: K.swiglu(x, wg, wu, wd),
                      tops and (lambda tx=tx: tops["swiglu"](tx, tw["wg"], tw["wu"], tw["wd"])))

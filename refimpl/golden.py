@@ -630,12 +630,31 @@ _LAYER_CAST_OPS = ["linear", "rms_norm", "rope tables", "apply_rope", "attention
 _MOE_CAST_OPS = ["moge_route", "moe block"]
 
 
-@_deterministic
 def model_cases(model, token_ids, layers=None, model_name: str = "model",
                 source: dict | None = None, command: str = "", seed=None,
                 include_weights: bool = True) -> list:
     """One case per selected layer (its input, RoPE tables, weights and every tap) plus a
     model case (token ids -> embed, final_norm, logits), each output with NAME.ref64."""
+    return list(iter_model_cases(model, token_ids, layers, model_name, source, command, seed,
+                                 include_weights))
+
+
+def iter_model_cases(model, token_ids, layers=None, model_name: str = "model",
+                     source: dict | None = None, command: str = "", seed=None,
+                     include_weights: bool = True):
+    """`model_cases` one case at a time: a layer case is made (its float64 reference
+    computed) only when the previous one has been taken, and its taps are dropped once it
+    is, so a caller that writes each case before asking for the next (`golden --model`)
+    holds one layer's case at a time, whatever the number of layers. Weights enter the
+    cases as the model holds them: the mapped arrays of a streamed checkpoint are written
+    from the map, never copied."""
+    with single_threaded_blas():
+        yield from _model_cases(model, token_ids, layers, model_name, source, command, seed,
+                                include_weights)
+
+
+def _model_cases(model, token_ids, layers, model_name, source, command, seed,
+                 include_weights):
     c = model.config
     ids = model.check_token_ids(token_ids)                   # [T]
     T = ids.size
@@ -656,7 +675,6 @@ def model_cases(model, token_ids, layers=None, model_name: str = "model",
     source = dict(source or {}, config=c.to_hf_dict())
     tokens_param = {"token_ids": [int(t) for t in ids], "tokens": T,
                     "positions": f"0..{T - 1} (no cache)"}
-    cases = []
     shapes = weight_shapes(c)
     for i in layers:
         moe = c.layer_is_moe(i)
@@ -712,7 +730,11 @@ def model_cases(model, token_ids, layers=None, model_name: str = "model",
                     (ALLCLOSE if is_float(out.dtype) else EXACT))
             add_output(case, name, out, r, crit, _produced_by(c, i, tap),
                        routing=_routing_dependence(moe, tap))
-        cases.append(case)
+        del rtaps, x
+        yield case
+        del case
+        for name in [n for n in taps.arrays if n.startswith(L)]:
+            del taps.arrays[name]                            # this layer is done
 
     case = Case(
         name=f"{model_name}-model-{mode}", operator="model",
@@ -743,8 +765,7 @@ def model_cases(model, token_ids, layers=None, model_name: str = "model",
                                "final_norm", "model.embed_tokens.weight"
                                if c.tie_word_embeddings else "lm_head.weight"]})):
         add_output(case, name, taps[name], rtaps[name], k_error(name), produced)
-    cases.append(case)
-    return cases
+    yield case
 
 
 def model_command(spec: str, ids, prompt, layers, mode, seed, include_weights, export,
@@ -773,6 +794,7 @@ def model_name_of(spec: str) -> str:
     return os.path.basename(os.path.normpath(spec)) or "model"
 
 
-__all__ = ["OPERATORS", "MOGE_OPERATORS", "operator_cases", "model_cases", "parse_ops",
+__all__ = ["OPERATORS", "MOGE_OPERATORS", "operator_cases", "model_cases", "iter_model_cases",
+           "parse_ops",
            "available_operators", "reference_model", "model_command", "model_name_of",
            "ATTENTION_SCORE_OFFSET"]

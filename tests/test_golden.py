@@ -527,3 +527,37 @@ def test_readme_example_report_is_what_compare_prints(tmp_path):
     readme = open(os.path.join(GOLDEN, "README.md"), encoding="utf-8").read()
     for line in result.stdout.strip().splitlines():
         assert "    " + line in readme, line
+
+
+def test_the_reference_model_upcasts_where_used_and_equals_a_float64_model():
+    """reference_model keeps the weights in their storage dtype (no float64 copy of a large
+    weight): its forward equals a float64 Model over weights converted up front, bit for bit,
+    with the MoGE routing forced to the low-precision run's."""
+    from refimpl.golden import reference_model
+
+    model = refimpl.init_model("tiny-moge", seed=0, numerics="bf16")
+    ref = reference_model(model)
+    assert ref.w("lm_head.weight").dtype == BF16 and not ref.upcast_weights
+    taps = refimpl.Taps([], routing=True)
+    ids = np.arange(1, 20)
+    model.forward(ids, taps=taps)
+    whole = refimpl.Model(model.config, {n: w.astype(np.float64) for n, w in model.weights.items()},
+                          numerics="fp64")
+    np.testing.assert_array_equal(ref.forward(ids, expert_ids=taps.routing),
+                                  whole.forward(ids, expert_ids=taps.routing))
+
+
+def test_iter_model_cases_gives_the_cases_of_model_cases_one_at_a_time():
+    from refimpl.golden import iter_model_cases
+
+    model = refimpl.init_model("tiny-moge", seed=0, numerics="bf16")
+    ids = [1, 5, 7, 9]
+    listed = model_cases(model, ids, layers=[0, 2])
+    it = iter_model_cases(model, ids, layers=[0, 2])
+    for want in listed:
+        got = next(it)
+        assert got.name == want.name
+        assert [t.name for t in got.tensors] == [t.name for t in want.tensors]
+        for a, b in zip(got.tensors, want.tensors):
+            assert gf.sha256_of(a.array) == gf.sha256_of(b.array), a.name
+    assert next(it, None) is None

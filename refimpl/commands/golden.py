@@ -8,8 +8,8 @@ import os
 from ..checkpoint import is_checkpoint_dir, model_config
 from ..config import PRESET_NAMES, preset
 from ..errors import InputError
-from ..golden import OPERATORS, model_cases, model_command, model_name_of, operator_cases, \
-    parse_ops
+from ..golden import OPERATORS, iter_model_cases, model_command, model_name_of, \
+    operator_cases, parse_ops
 from ..golden_format import EXPORTS, write_case
 from ..numerics import MODES
 
@@ -148,9 +148,9 @@ def _model_mode(args, export) -> list:
             source["tokenizer"] = args.tokenizer
     command = model_command(args.model, ids, args.prompt, layers, args.numerics, seed,
                             not args.no_weights, export, args.tokenizer)
-    return model_cases(model, ids, layers, model_name=model_name_of(args.model),
-                       source=source, command=command, seed=seed,
-                       include_weights=not args.no_weights)
+    return iter_model_cases(model, ids, layers, model_name=model_name_of(args.model),
+                            source=source, command=command, seed=seed,
+                            include_weights=not args.no_weights)
 
 
 def _encode_prompt(args, model) -> list:
@@ -184,8 +184,19 @@ def main(args) -> int:
         if args.set:
             raise InputError("--set goes with --preset, not --model")
         cases = _model_mode(args, export)
-    for case in cases:
+    for case in cases:  # --model: made one at a time, each written before the next
         path = write_case(args.out, case, export)
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
         print(f"wrote {path} ({len(case.tensors)} tensors, {size / 1024:.1f} KiB)")
+        release_mapped(case)
+        del case
     return 0
+
+
+def release_mapped(case) -> None:
+    """Drop the page-cache mappings of a written case's memory-mapped tensors (the weights of
+    a streamed checkpoint), so the file-backed resident set does not grow case by case."""
+    from ..streaming import release
+
+    for t in case.tensors:
+        release(t.array)  # 0 bytes for an array that is not memory-mapped
