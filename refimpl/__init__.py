@@ -7,7 +7,7 @@
 """
 
 from .cache import KVCache
-from .checkpoint import load_model
+from .io.checkpoint import load_model
 from .config import PRESET_NAMES, ModelConfig, parameter_count, preset, weight_shapes
 from .errors import RefimplError
 from .generate import generate

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 import refimpl
-from refimpl import checkpoint
-from refimpl.checkpoint import (INDEX_NAME, SINGLE_NAME, check_all_finite, init_checkpoint,
+from refimpl.io import checkpoint
+from refimpl.io.checkpoint import (INDEX_NAME, SINGLE_NAME, check_all_finite, init_checkpoint,
                                 load_model, load_weights, save_checkpoint)
 from refimpl.config import preset, weight_shapes
 from refimpl.errors import CheckpointError
 from refimpl.numerics import bfloat16, storage_dtype
 from refimpl.random_init import random_weights
-from refimpl.safetensors_io import (is_memory_mapped, read_header, read_safetensors,
+from refimpl.io.safetensors_io import (is_memory_mapped, read_header, read_safetensors,
                                     write_safetensors)
 
 FAMILIES = ["tiny-dense", "tiny-moge"]

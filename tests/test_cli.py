@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import refimpl
-from refimpl.checkpoint import DEFAULT_MODEL_DIR, load_model
+from refimpl.io.checkpoint import DEFAULT_MODEL_DIR, load_model
 from refimpl.config import parameter_count, preset
 
 
@@ -178,7 +178,7 @@ from .test_checkpoint import sp_model  # noqa: E402,F401  (a 30-piece SentencePi
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory, sp_model):  # noqa: F811
     """A tiny-dense model whose 32-id vocabulary covers its 30-piece tokenizer."""
-    from refimpl.checkpoint import save_checkpoint
+    from refimpl.io.checkpoint import save_checkpoint
     from refimpl.random_init import random_weights
 
     config = preset("tiny-dense").replace(vocab_size=32)

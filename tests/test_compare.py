@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from refimpl import ops
-from refimpl.compare import Options, compare_paths, judge_ascend, judge_double_thousandth, \
+from refimpl.golden.compare import Options, compare_paths, judge_ascend, judge_double_thousandth, \
     judge_k_error, metrics, ulp_distance
 from refimpl.config import preset
-from refimpl.golden_format import TENSORS_NAME, load_case, write_tensors_file
+from refimpl.golden.format import TENSORS_NAME, load_case, write_tensors_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "golden")

@@ -4,7 +4,7 @@ openPangu-Embedded is Llama-shaped with biases on q, k, v *and* o (transformers 
 ``attention_bias=True`` puts a bias on all four) and tied embeddings. We build a small
 ``LlamaForCausalLM`` with every parameter randomised (biases and norm weights too, so they
 matter), save it with ``save_pretrained``, rewrite its config.json to the PanguEmbedded fields
-of MODEL-SPEC and load it with ``refimpl.checkpoint.load_model``. refimpl must then reproduce
+of MODEL-SPEC and load it with ``refimpl.io.checkpoint.load_model``. refimpl must then reproduce
 transformers' logits, per-layer hidden states and greedy generation.
 
 Measured figures are printed as ``crosscheck | ...`` lines (run with ``-s``) and recorded in
@@ -25,7 +25,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import refimpl
-from refimpl.checkpoint import load_model
+from refimpl.io.checkpoint import load_model
 from refimpl.numerics import bfloat16
 from refimpl.ops import rope_tables
 

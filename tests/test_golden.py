@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import refimpl
-from refimpl import golden_format as gf
+from refimpl.golden import format as gf
 from refimpl import ops
 from refimpl.config import preset
 from refimpl.golden import OPERATORS, model_cases, operator_cases
-from refimpl.golden_format import load_case, write_case
+from refimpl.golden.format import load_case, write_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "golden")
@@ -337,7 +337,7 @@ def test_model_case_from_preset_cli_and_no_weights(tmp_path):
 
 
 def test_model_case_from_a_checkpoint_directory(tmp_path):
-    from refimpl.checkpoint import init_checkpoint, load_model
+    from refimpl.io.checkpoint import init_checkpoint, load_model
 
     init_checkpoint("tiny-moge", tmp_path / "ckpt", seed=5, dtype="bf16", layers=2)
     result = cli("golden", "--model", tmp_path / "ckpt", "--token-ids", "3,4,5", "--layers",
@@ -354,7 +354,7 @@ from .test_checkpoint import sp_model  # noqa: E402,F401  (a 30-piece SentencePi
 
 
 def test_model_case_from_a_prompt(tmp_path, sp_model):  # noqa: F811
-    from refimpl.checkpoint import save_checkpoint
+    from refimpl.io.checkpoint import save_checkpoint
     from refimpl.random_init import random_weights
     from refimpl.tokenizer import Tokenizer
 

@@ -190,9 +190,9 @@ def test_embedded_1b_runs_at_real_shape_in_bf16():
 
 
 def test_load_model_is_at_the_top_level():
-    import refimpl.checkpoint
+    import refimpl.io.checkpoint
 
-    assert refimpl.load_model is refimpl.checkpoint.load_model
-    model = refimpl.load_model(refimpl.checkpoint.DEFAULT_MODEL_DIR, numerics="bf16",
+    assert refimpl.load_model is refimpl.io.checkpoint.load_model
+    model = refimpl.load_model(refimpl.io.checkpoint.DEFAULT_MODEL_DIR, numerics="bf16",
                                backend="numpy")
     assert model.numerics == "bf16" and model.config.family == "dense"

@@ -1,4 +1,4 @@
-"""Streaming a checkpoint layer by layer (refimpl.streaming): exact results, only routed
+"""Streaming a checkpoint layer by layer (refimpl.io.streaming): exact results, only routed
 experts read, pages released after each layer, bounded anonymous memory, progress output."""
 
 import io
@@ -8,7 +8,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from refimpl import checkpoint, cli, streaming
+from refimpl import cli
+from refimpl.io import checkpoint, streaming
 from refimpl.config import preset, weight_shapes
 from refimpl.errors import CheckpointError
 from refimpl.generate import generate
@@ -379,7 +380,7 @@ def test_golden_model_cases_from_a_checkpoint_hold_the_moe_intermediates(tiny, t
     """`golden --model DIR` on a MoGE checkpoint: the layer case holds the router logits,
     expert ids and weights, each selected expert's input and output and the combined output,
     equal to a streamed forward's taps."""
-    from refimpl.golden_format import find_cases, load_case
+    from refimpl.golden.format import find_cases, load_case
 
     out = tmp_path / "golden"
     assert cli.main(["golden", "--model", tiny, "--token-ids", "1,5,9,2,7", "--layers", "1",

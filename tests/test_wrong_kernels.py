@@ -20,9 +20,9 @@ import pytest
 
 import refimpl
 from refimpl import ops
-from refimpl.compare import Options, compare_paths
+from refimpl.golden.compare import Options, compare_paths
 from refimpl.golden import model_cases, operator_cases
-from refimpl.golden_format import load_case, write_case
+from refimpl.golden.format import load_case, write_case
 
 #: the MoE configurations judged: tiny-moge, and Pro-MoE's router at real width
 MOE_PRESETS = {"tiny-moge": {},

@@ -47,7 +47,7 @@ def isa() -> str:
 
 
 def measure(directory: str, tokens: int, weights: bool) -> dict:
-    from refimpl.checkpoint import load_config
+    from refimpl.io.checkpoint import load_config
 
     layers = load_config(directory).num_hidden_layers
     out_dir = tempfile.mkdtemp(prefix="golden-memory-")

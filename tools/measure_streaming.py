@@ -4,9 +4,9 @@
         --speed --golden 2 --delete --json /tmp/streaming.json
 
 For each layer count N it writes (unless present) the real-width bf16 checkpoint with N
-layers, DIR/moe{N} (`refimpl.checkpoint.init_checkpoint('pro-moe-72b', layers=N)`: 1.57 GB
+layers, DIR/moe{N} (`refimpl.io.checkpoint.init_checkpoint('pro-moe-72b', layers=N)`: 1.57 GB
 embedding + 1.57 GB LM head + 2.94 GB a layer), then per backend runs a child process that
-loads it with `refimpl.streaming.load_streamed` (bf16 numerics) and runs two forwards over
+loads it with `refimpl.io.streaming.load_streamed` (bf16 numerics) and runs two forwards over
 tokens 1..T: the first "cold" (the checkpoint's pages are evicted from the page cache before
 the child starts, with posix_fadvise(DONTNEED), and each tensor is checked for NaN/Inf when
 first used), the second "warm" (whatever the page cache kept; no checks). The parent samples
@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from refimpl.streaming import PeakSampler, format_size
+from refimpl.io.streaming import PeakSampler, format_size
 
 PRESET = "pro-moe-72b"
 
@@ -60,7 +60,7 @@ def evict(paths) -> None:
 # ---------------------------------------------------------------------- the child
 def worker(directory: str, backend: str, tokens: int, passes: int) -> None:
     """Runs in the child: prints one JSON object with the times and memory of each pass."""
-    from refimpl import streaming
+    from refimpl.io import streaming
     from refimpl.random_init import init_model
 
     warm = init_model("tiny-moge", numerics="bf16", backend=backend)
@@ -142,7 +142,7 @@ def speed(directory) -> dict:
     import mmap
 
     from refimpl import kernels, ops
-    from refimpl.checkpoint import check_all_finite
+    from refimpl.io.checkpoint import check_all_finite
     from refimpl.numerics import bfloat16
 
     out = {}
@@ -202,7 +202,7 @@ def speed(directory) -> dict:
 
 def golden(directory, tokens) -> dict:
     """Time and memory of `golden --model DIR --no-weights` (every layer and the model case)."""
-    from refimpl.checkpoint import load_config
+    from refimpl.io.checkpoint import load_config
 
     layers = load_config(directory).num_hidden_layers
     out_dir = tempfile.mkdtemp(prefix="golden-stream-")
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
         worker(args.worker[0], args.worker[1], int(args.worker[2]), int(args.worker[3]))
         return 0
 
-    from refimpl.checkpoint import init_checkpoint
+    from refimpl.io.checkpoint import init_checkpoint
 
     counts = [int(v) for v in args.layers.split(",")]
     results, written, speeds, gold = [], [], None, None

@@ -503,7 +503,7 @@ def cross_check(model, tok: Tokenizer, out_dir: str, max_new: int) -> None:
     the logits of a chat prompt and the greedy continuation."""
     import torch
 
-    from refimpl.checkpoint import load_model
+    from refimpl.io.checkpoint import load_model
     from refimpl.generate import generate
 
     ids = tok.encode_chat([{"role": "user", "content": CHECK_CHATS[0]}])

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 
 import refimpl
 from refimpl import ops
-from refimpl.checkpoint import DEFAULT_MODEL_DIR, load_model
+from refimpl.io.checkpoint import DEFAULT_MODEL_DIR, load_model
 from refimpl.tokenizer import Tokenizer
 
 plt.rcParams.update({"figure.dpi": 72, "figure.figsize": (8, 3.2), "axes.grid": True,

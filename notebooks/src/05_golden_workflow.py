@@ -25,8 +25,8 @@ import tempfile
 import numpy as np
 import matplotlib.pyplot as plt
 
-from refimpl import compare as cmp
-from refimpl.golden_format import load_case
+from refimpl.golden import compare as cmp
+from refimpl.golden.format import load_case
 from refimpl.numerics import bfloat16
 
 plt.rcParams.update({"figure.dpi": 72, "figure.figsize": (8, 3.2), "axes.grid": True,
@@ -307,10 +307,10 @@ assert kernel_err < spec_err / 4
 #   reductions (attention, matmul, MoE), where any fixed atol is too loose for small
 #   outputs and too tight for large ones.
 #
-# The constants, as `refimpl.compare` holds them:
+# The constants, as `refimpl.golden.compare` holds them:
 
 # %%
-from refimpl.golden_format import DEFAULT_K, DEFAULT_TOLERANCES
+from refimpl.golden.format import DEFAULT_K, DEFAULT_TOLERANCES
 print("allclose (rtol, atol) by dtype:", DEFAULT_TOLERANCES)
 print("double-thousandth: threshold", cmp.DT_THRESHOLD, "| allowed fraction", cmp.DT_FRACTION)
 print("ascend: cosine >", cmp.ASCEND_COSINE, "| max abs <", cmp.ASCEND_MAX_ABS,

@@ -6,9 +6,9 @@ import argparse
 import json
 import math
 
-from ..compare import EXIT_CODES, ROUTING_MODES, Options, compare_paths, format_report
+from ..golden.compare import EXIT_CODES, ROUTING_MODES, Options, compare_paths, format_report
 from ..errors import InputError
-from ..golden_format import CRITERIA
+from ..golden.format import CRITERIA
 
 
 def add_parser(subparsers) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..checkpoint import is_checkpoint_dir, model_config
+from ..io.checkpoint import is_checkpoint_dir, model_config
 from ..config import PRESET_NAMES, preset
 from ..errors import InputError
 from ..golden import OPERATORS, iter_model_cases, model_command, model_name_of, \
     operator_cases, parse_ops
-from ..golden_format import EXPORTS, write_case
+from ..golden.format import EXPORTS, write_case
 from ..numerics import MODES
 
 
@@ -122,7 +122,7 @@ def _model_mode(args, export) -> list:
         raise InputError("--model needs --token-ids 1,2,3 or --prompt TEXT")
     layers = _parse_list(args.layers, "--layers") if args.layers is not None else None
     if is_checkpoint_dir(args.model):
-        from ..streaming import load_streamed
+        from ..io.streaming import load_streamed
 
         # one layer at a time, pages released after each, only routed experts read, NaN
         # checked at first use: a checkpoint larger than memory works (docs/streaming.md)
@@ -196,7 +196,7 @@ def main(args) -> int:
 def release_mapped(case) -> None:
     """Drop the page-cache mappings of a written case's memory-mapped tensors (the weights of
     a streamed checkpoint), so the file-backed resident set does not grow case by case."""
-    from ..streaming import release
+    from ..io.streaming import release
 
     for t in case.tensors:
         release(t.array)  # 0 bytes for an array that is not memory-mapped

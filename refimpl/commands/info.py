@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from ..checkpoint import DEFAULT_MODEL_DIR, checkpoint_files, is_checkpoint_dir, load_weights, \
+from ..io.checkpoint import DEFAULT_MODEL_DIR, checkpoint_files, is_checkpoint_dir, load_weights, \
     model_config
 from ..config import PRESET_NAMES, parameter_count
 from ..errors import InputError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint import DEFAULT_MAX_SHARD_BYTES, DEFAULT_MODEL_DIR, init_checkpoint
+from ..io.checkpoint import DEFAULT_MAX_SHARD_BYTES, DEFAULT_MODEL_DIR, init_checkpoint
 from ..config import PRESET_NAMES
 from ..errors import InputError
 

@@ -9,7 +9,7 @@ import sys
 import time
 
 from ..backend import BACKENDS
-from ..checkpoint import (DEFAULT_MODEL_DIR, TOKENIZER_NAME, is_checkpoint_dir, load_model,
+from ..io.checkpoint import (DEFAULT_MODEL_DIR, TOKENIZER_NAME, is_checkpoint_dir, load_model,
                           model_config, tokenizer_file, tokenizer_pieces)
 from ..config import PRESET_NAMES
 from ..errors import InputError
@@ -105,7 +105,7 @@ def _check_options(args) -> None:
 def open_model(args):
     """(model, directory or None) for --model DIR|PRESET."""
     if args.stream:
-        from ..streaming import load_streamed
+        from ..io.streaming import load_streamed
 
         model = load_streamed(args.model, numerics=args.numerics, backend=args.backend,
                               layers=args.layers, allow_nonfinite=args.allow_nonfinite,
@@ -221,7 +221,7 @@ def main(args) -> int:
     print(f"[prompt tokens {len(ids)} | new tokens {len(new)}{stop} | prefill {prefill:.3f} s | "
           f"decode {decode} | {args.numerics}, {args.backend}]", file=sys.stderr)
     if args.stream:
-        from ..streaming import memory_line
+        from ..io.streaming import memory_line
 
         print(f"[streamed: {memory_line()}]", file=sys.stderr)
     return 0

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from .numerics import bfloat16, storage_dtype
+from refimpl.numerics import bfloat16, storage_dtype
 
 E2E_PRESET = "embedded-1b"
 MOE_SHAPE = dict(hidden=5120, experts=64, groups=8, inter=1344, shared=5376)
@@ -726,7 +726,9 @@ def _worker_main(argv) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        raise SystemExit(_worker_main(sys.argv[2:]))
+def worker_main(argv=None) -> int:
+    """`python -m refimpl.bench worker KIND ...` (bench/__main__.py)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        return _worker_main(argv[1:])
     raise SystemExit("use: python -m refimpl bench --help")

@@ -5,11 +5,11 @@ A checkpoint directory holds ``config.json`` and either one ``model.safetensors`
 (``{"metadata": {"total_size": N}, "weight_map": {tensor: shard}}``), tensors in BF16, F16 or
 F32 named as in `refimpl.config.weight_shapes`; optionally ``tokenizer.model``.
 
-    model = refimpl.checkpoint.load_model("ckpt/", numerics="bf16")   # memory-mapped
+    model = refimpl.io.checkpoint.load_model("ckpt/", numerics="bf16")   # memory-mapped
     save_checkpoint("out/", config, weights, "bf16")                    # atomic directory
 
 Loading never copies a tensor whose stored dtype is the numerics storage dtype: the arrays
-are views of a memory map of the file (see `refimpl.safetensors_io`), so a bf16 checkpoint in
+are views of a memory map of the file (see `refimpl.io.safetensors_io`), so a bf16 checkpoint in
 bf16 numerics costs page cache, not anonymous memory. Every defect is refused with one line
 (CheckpointError): missing directory, config, shard or tensor; unexpected tensor; wrong
 shape; config field disagreeing with the weights; truncated or corrupt file; NaN/Inf.
@@ -25,11 +25,11 @@ import shutil
 
 import numpy as np
 
-from .config import PRESET_NAMES, ModelConfig, preset, weight_shapes
-from .errors import CheckpointError, ConfigError
-from .numerics import storage_dtype
+from ..config import PRESET_NAMES, ModelConfig, preset, weight_shapes
+from ..errors import CheckpointError, ConfigError
+from ..numerics import storage_dtype
+from ..weights import check_finite, check_weights
 from .safetensors_io import is_memory_mapped, read_safetensors, write_safetensors
-from .weights import check_finite, check_weights
 
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
@@ -39,7 +39,8 @@ TOKENIZER_NAME = "tokenizer.model"
 TOKENIZER_FILES = (TOKENIZER_NAME, "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
 #: the embedded default model shipped with the package
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "default")
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                                 "default")
 
 _TORCH_DTYPE_NAMES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
                       "float64": "float64"}
@@ -109,7 +110,7 @@ def load_weights(path, layers: int | None = None) -> tuple[ModelConfig, dict]:
     """(config, name -> memory-mapped array) of a checkpoint directory, validated.
 
     Checks: config.json present and valid; every shard present and complete (truncation and
-    header corruption refused by `refimpl.safetensors_io.read_header`); the index agrees with
+    header corruption refused by `refimpl.io.safetensors_io.read_header`); the index agrees with
     the shards; the config agrees with the weights (the disagreeing field is named); no tensor
     missing, unexpected or misshaped. No tensor data is read. `layers` keeps only the first
     that many layers (config and weights).
@@ -253,7 +254,7 @@ def load_model(path, numerics: str = "fp32", backend: str = "numpy", lazy: bool 
     every tensor is converted when it is used. NaN/Inf weights are refused unless
     allow_nonfinite. `layers` keeps the first that many layers.
     """
-    from .model import Model
+    from ..model import Model
 
     storage_dtype(numerics)  # refuse an unknown mode before touching the files
     config, weights = load_weights(path, layers=layers)
@@ -400,7 +401,7 @@ def init_checkpoint(preset_name: str, directory, seed: int = 0, dtype="bf16",
     """Write the seeded random weights of a preset (`refimpl.random_init.random_tensor`, the
     same values as `init_model(preset, seed, num_hidden_layers=layers)`) as a checkpoint, one
     tensor generated and written at a time. `layers` keeps the real width with fewer layers."""
-    from .random_init import random_tensor
+    from ..random_init import random_tensor
 
     config = preset(preset_name)
     if layers is not None:

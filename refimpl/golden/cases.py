@@ -1,5 +1,5 @@
 """Golden cases for kernel developers: per operator at a preset's real shapes, or per layer of
-a model forward. The format is `refimpl.golden_format` (documented in golden/README.md).
+a model forward. The format is `refimpl.golden.format` (documented in golden/README.md).
 
 Every output is computed by the spec (`refimpl.ops`) in the case's numerics mode from inputs
 already rounded to the storage dtype, and stored with `NAME.ref64`: the same operator in
@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops
-from .checkpoint import with_layers
-from .config import ROPE_ANGLE_MODES, ModelConfig, preset, weight_shapes
-from .errors import InputError
-from .golden_format import DEFAULT_K, REF_SUFFIX, Case, is_float, numerics_entry
-from .numerics import accum_dtype, storage_dtype
-from .random_init import random_tensor, tensor_rng
-from .taps import Taps
+from .. import ops
+from ..config import ROPE_ANGLE_MODES, ModelConfig, preset, weight_shapes
+from ..errors import InputError
+from ..io.checkpoint import with_layers
+from ..numerics import accum_dtype, storage_dtype
+from ..random_init import random_tensor, tensor_rng
+from ..taps import Taps
+from .format import DEFAULT_K, REF_SUFFIX, Case, is_float, numerics_entry
 
 OPERATORS = ("rms_norm", "rope", "attention", "swiglu", "moge_route", "moe")
 MOGE_OPERATORS = ("moge_route", "moe")
@@ -556,7 +556,7 @@ def reference_model(model):
     (`Model(upcast_weights=False)`: linear converts a block of rows at a time, at most
     `refimpl.ops.basic.LINEAR_BLOCK_BYTES`; the embedding only the looked-up rows), so no
     float64 copy of a large weight is made and memory does not grow with the checkpoint."""
-    from .model import Model
+    from ..model import Model
 
     return Model(model.config, _StoredWeights(model), numerics="fp64", lazy=True, check=False,
                  upcast_weights=False)

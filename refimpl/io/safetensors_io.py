@@ -29,7 +29,7 @@ import sys
 import ml_dtypes
 import numpy as np
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 #: safetensors dtype code -> numpy dtype (little-endian)
 DTYPES = {

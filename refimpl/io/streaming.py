@@ -1,9 +1,9 @@
 """Run a checkpoint larger than memory: memory-mapped shards, one layer at a time.
 
-    model = refimpl.streaming.load_streamed("ckpt/", numerics="bf16", progress=True)
+    model = refimpl.io.streaming.load_streamed("ckpt/", numerics="bf16", progress=True)
     logits = model.forward(ids)          # [T, V]; model.stats has per-layer times and memory
 
-`load_streamed` reads the headers only (validated as `refimpl.checkpoint.load_weights`) and
+`load_streamed` reads the headers only (validated as `refimpl.io.checkpoint.load_weights`) and
 builds a `StreamedModel`: a lazy `refimpl.Model` whose weights are a `StreamedWeights`
 mapping of the memory-mapped tensors. During a forward
 
@@ -36,10 +36,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..errors import CheckpointError
+from ..model import Model
+from ..numerics import storage_dtype
 from .checkpoint import check_all_finite, load_weights
-from .errors import CheckpointError
-from .model import Model
-from .numerics import storage_dtype
 
 PAGE = mmap.PAGESIZE
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
@@ -262,7 +262,7 @@ class StreamedWeights(Mapping):
 
     `counts[name]` is how many times the tensor was asked for (`in`, iteration and `len` do
     not count): a test can see that only the routed experts were read. With `check_finite`
-    each tensor is checked for NaN/Inf (`refimpl.checkpoint.check_all_finite`, a block at a
+    each tensor is checked for NaN/Inf (`refimpl.io.checkpoint.check_all_finite`, a block at a
     time) the first time it is asked for. With `release_pages`, the pages the check read are
     released after it (the embedding's check reads the whole table; the lookup needs T rows),
     and asking for an expert releases the previous expert's pages (the MoE block runs one

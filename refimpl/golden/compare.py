@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from .golden_format import CRITERIA, DEFAULT_K, EXPORTS, REF_SUFFIX, TENSORS_NAME, GoldenError, \
+from .format import CRITERIA, DEFAULT_K, EXPORTS, REF_SUFFIX, TENSORS_NAME, GoldenError, \
     LoadedCase, dtype_from_name, find_cases, is_float, load_case, read_tensors_file
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 
-from . import numerics
-from .errors import CheckpointError, RefimplError
-from .safetensors_io import DTYPES as _DTYPE_BY_CODE
-from .safetensors_io import read_safetensors, write_safetensors
+from .. import numerics
+from ..errors import CheckpointError, RefimplError
+from ..io.safetensors_io import DTYPES as _DTYPE_BY_CODE
+from ..io.safetensors_io import read_safetensors, write_safetensors
 
 FORMAT_NAME = "refimpl-golden"
 FORMAT_VERSION = 1
@@ -223,7 +223,7 @@ def tensor_entry(t: Tensor, export=()) -> dict:
 
 
 def build_manifest(case: Case, export=()) -> dict:
-    from . import __version__
+    from .. import __version__
 
     names = [t.name for t in case.tensors]
     if len(set(names)) != len(names):
