@@ -245,3 +245,22 @@ def test_more_new_tokens_than_positions_stops_cleanly():
     stats = result.stderr.strip().splitlines()[-1]
     assert "new tokens 13 (stopped: all 512 positions (max_position_embeddings) used; 40 " \
            "were asked for)" in stats, stats
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("max_position_embeddings", "512", "'max_position_embeddings': must be a positive integer"),
+    ("tie_word_embeddings", "yes", "'tie_word_embeddings': must be true or false"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "'rope_scaling'"),
+    ("sliding_window", 128, "'sliding_window'"),
+])
+def test_a_bad_config_json_is_one_line_and_exit_2(tmp_path, field, value, fragment):
+    """A config field of the wrong type, or one that would change the math but is not
+    implemented: `run` and `info` refuse the checkpoint with one line (no TypeError)."""
+    assert cli("init", "--preset", "tiny-dense", "--out", tmp_path / "c").returncode == 0
+    config = tmp_path / "c" / "config.json"
+    d = json.loads(config.read_text())
+    d[field] = value
+    config.write_text(json.dumps(d))
+    for command in (["run", "--model", tmp_path / "c", "--token-ids", "1,2"],
+                    ["info", "--model", tmp_path / "c"]):
+        assert_one_line_error(cli(*command), fragment)
