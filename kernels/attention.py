@@ -109,22 +109,26 @@ def _blocks(q, kT, v, scale, causal, bq, par, out):
 
 
 @numba.njit(cache=True)
+def _query_block(T, Hq, Hkv, S, bq, task):
+    """The (head, query block) of a prefill task: query head h = task // blocks, its KV head
+    h // (Hq / Hkv), the block's first query t0 and size nq, and offset = S - T (query t sits
+    at position offset + t)."""
+    nqb = (T + bq - 1) // bq
+    h = task // nqb
+    t0 = (task - h * nqb) * bq
+    return h, h // (Hq // Hkv), t0, min(T, t0 + bq) - t0, S - T
+
+
+@numba.njit(cache=True)
 def _block_task(q, kT, v, scale, causal, bq, task, out):
     """Head h = task // nqb, queries t0 .. t0+nq-1: all their scores (q . k summed over d in
     order with fma, lanes along keys), then per row the spec's roundings: s = round(round(
     q . k) * scale), p = round(exp(s - max) / sum), o = round(sum_j p_j v_j) in key order."""
-    T, Hq, D = q.shape
+    D = q.shape[2]
     Hkv, nkb, bk = kT.shape[0], kT.shape[1], kT.shape[3]
-    S = v.shape[0]
-    group = Hq // Hkv
-    offset = S - T
-    nqb = (T + bq - 1) // bq
+    h, hk, t0, nq, offset = _query_block(q.shape[0], q.shape[1], Hkv, v.shape[0], bq, task)
     z = acc_zero(q)
-    h = task // nqb
-    hk = h // group
-    t0 = (task - h * nqb) * bq
-    nq = min(T, t0 + bq) - t0
-    kend = min(S, offset + t0 + nq) if causal else S
+    kend = min(v.shape[0], offset + t0 + nq) if causal else v.shape[0]
     s = np.full((nq, kend), z)
     qa = np.empty((nq, D), s.dtype)
     for i in range(nq):
@@ -212,17 +216,11 @@ def _flash_task(q, kT, v, scale, causal, bq, bk, task, out):
     acc[i, 0:D] +=
     sum_j p[i, j] * v[j, 0:D] (keys in order), via `_vec.axpy_rows`.
     """
-    T, Hq, D = q.shape
+    D = q.shape[2]
     Hkv, nkb = kT.shape[0], kT.shape[1]
     S = v.shape[0]
-    group = Hq // Hkv
-    offset = S - T
-    nqb = (T + bq - 1) // bq
+    h, hk, t0, nq, offset = _query_block(q.shape[0], q.shape[1], Hkv, S, bq, task)
     z = acc_zero(q)
-    h = task // nqb
-    hk = h // group
-    t0 = (task - h * nqb) * bq
-    nq = min(T, t0 + bq) - t0
     m = np.full(bq, like(-np.inf, z))
     l = np.full(bq, z)
     acc = np.full((bq, D), z)

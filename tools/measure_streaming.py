@@ -201,24 +201,11 @@ def speed(directory) -> dict:
 
 
 def golden(directory, tokens) -> dict:
-    """Time and memory of `golden --model DIR --no-weights` (every layer and the model case)."""
-    from refimpl.io.checkpoint import load_config
+    """Time and memory of `golden --model DIR --no-weights` (every layer and the model case):
+    tools/measure_golden_memory.py's measurement."""
+    from measure_golden_memory import measure
 
-    layers = load_config(directory).num_hidden_layers
-    out_dir = tempfile.mkdtemp(prefix="golden-stream-")
-    try:
-        evict(shards(directory))
-        cmd = [sys.executable, "-m", "refimpl", "golden", "--model", directory, "--token-ids",
-               ",".join(str(i) for i in range(1, tokens + 1)), "--no-weights", "--numerics",
-               "bf16", "--layers", ",".join(str(i) for i in range(layers)), "--out", out_dir]
-        stdout, peaks, seconds = run_sampled(cmd)
-        nbytes = sum(os.path.getsize(os.path.join(root, f))
-                     for root, _, files in os.walk(out_dir) for f in files)
-        return {"command": " ".join(cmd[1:]).replace(out_dir, "OUT"), "seconds": seconds,
-                "peak": peaks, "output_bytes": nbytes, "layers": layers,
-                "cases": stdout.count("wrote ")}
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    return measure(directory, tokens, weights=False)
 
 
 # ---------------------------------------------------------------------- report
