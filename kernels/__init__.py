@@ -53,5 +53,5 @@ from .norm import rms_norm
 from .rope import apply_rope
 
 __all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
-           "moe_block", "moge_route", "near_ties", "routing_margins", "rms_norm", "apply_rope", "apply_rope_interleaved",
-           "rope_tables", "rotate_half", "sample", "round_to_bf16", "round_to_f16"]
+           "moe_block", "moge_route", "near_ties", "routing_margins", "rms_norm", "apply_rope",
+           "apply_rope_interleaved", "rope_tables", "rotate_half", "sample", "round_to_bf16", "round_to_f16"]

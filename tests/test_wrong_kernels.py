@@ -36,8 +36,8 @@ def write_npy(directory, arrays: dict) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     for name, a in arrays.items():
         a = np.asarray(a)
-        np.save(directory / f"{name}.npy", a.view(np.uint16) if a.dtype == refimpl.numerics.bfloat16
-                else a)
+        np.save(directory / f"{name}.npy",
+                a.view(np.uint16) if a.dtype == refimpl.numerics.bfloat16 else a)
     return str(directory)
 
 
@@ -101,7 +101,8 @@ def moe_variant(t: dict, num_groups: int, bug: str | None = None) -> dict:
     y = np.zeros(x.shape, np.float32)
     for e in np.unique(ids):
         tok, slot = np.nonzero(ids == e)
-        out = ops.swiglu(x[tok], *(t[f"experts.{p}_proj.weight"][e] for p in ("gate", "up", "down")))
+        out = ops.swiglu(x[tok], *(t[f"experts.{p}_proj.weight"][e]
+                                   for p in ("gate", "up", "down")))
         y[tok] = rnd(y[tok] + rnd(out.astype(np.float32) * w[tok, slot][:, None]))
     shared = ops.swiglu(x, *(t[f"shared_expert.{p}_proj.weight"] for p in ("gate", "up", "down")))
     shared = shared.astype(np.float32)

@@ -26,9 +26,10 @@ differ from the golden only where the golden's choice is a near-tie (a margin be
 storage dtype resolves, `refimpl.ops.near_ties`). Where the candidate decided a near-tie the
 other way, the rows of those tokens in outputs marked `"routing": "rows"` are excluded from
 the verdict, and the report counts them. The outputs of experts a differing choice touches
-(`"routing": "expert"`: their token lists differ) are never compared; they are "excluded". Tie-tolerant is the default because a correct kernel that sums the router
-logits in another order may round a logit to its neighbour and flip such a choice; every
-wrong router of tests/test_wrong_kernels.py differs at choices that are not near-ties.
+(`"routing": "expert"`: their token lists differ) are never compared; they are "excluded".
+Tie-tolerant is the default because a correct kernel that sums the router logits in another
+order may round a logit to its neighbour and flip such a choice; every wrong router of
+tests/test_wrong_kernels.py differs at choices that are not near-ties.
 
 Verdicts: "pass", "fail", or "unusable" (missing output, wrong shape or dtype, NaN where the
 golden has none, unreadable file, malformed manifest entry); "not given" (an optional output

@@ -14,5 +14,5 @@ from .rope import apply_rope, apply_rope_interleaved, rope_tables, rotate_half
 from .sampling import sample
 
 __all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
-           "moe_block", "moge_route", "near_ties", "routing_margins", "rms_norm", "apply_rope", "apply_rope_interleaved",
-           "rope_tables", "rotate_half", "sample"]
+           "moe_block", "moge_route", "near_ties", "routing_margins", "rms_norm", "apply_rope",
+           "apply_rope_interleaved", "rope_tables", "rotate_half", "sample"]
