@@ -86,7 +86,8 @@ def test_operator_cases_have_the_preset_shapes(moge_bf16):
     for case in moge_bf16.values():
         for e in case.entries():
             a = case.tensors[e["name"]]
-            if e["role"] == "reference" and e["name"].endswith((".near_tie", ".margin")):
+            if e["role"] == "reference" and e["name"].endswith((".near_tie", ".margin",
+                                                                 ".prob_margin")):
                 assert e["name"].rsplit(".", 1)[0] == "expert_ids"   # routing diagnostics
                 assert a.dtype == (np.int64 if e["name"].endswith("tie") else np.float64)
             elif e["role"] == "reference":

@@ -206,6 +206,7 @@ def add_routing(case: Case, name: str, router_logits: np.ndarray, expert_ids: np
     NAME.near_tie   int64 [T, G], 1 where a correct kernel may choose differently
                     (`refimpl.ops.near_ties`, ROUTER_LOGIT_ULPS / ROUTER_PROB_ULPS)
     NAME.margin     float64 [T, G], the chosen logit minus the group's next best (spec's)
+    NAME.prob_margin  float64 [T, G], the same in probability (the spec's float32 softmax)
     NAME.ref64      int64 [T, G], what the float64 router would choose (from the float64
                     reference's own logits); the references of outputs downstream are
                     computed with `expert_ids` forced instead, so they measure arithmetic
@@ -215,7 +216,7 @@ def add_routing(case: Case, name: str, router_logits: np.ndarray, expert_ids: np
     dt = np.asarray(router_logits).dtype
     logit_ulps = 0 if logits_given else ROUTER_LOGIT_ULPS[dt.name]
     ties = ops.near_ties(router_logits, expert_ids, num_groups, logit_ulps, ROUTER_PROB_ULPS)
-    margin, _ = ops.routing_margins(router_logits, expert_ids, num_groups)
+    margin, prob_margin = ops.routing_margins(router_logits, expert_ids, num_groups)
     free64, _ = ops.moge_route(f64(ref_logits), np.ones(ref_logits.shape[1]), num_groups)
     agrees = free64 == expert_ids
     crit = {"name": "exact", "near_ties": name + ".near_tie",
@@ -227,6 +228,8 @@ def add_routing(case: Case, name: str, router_logits: np.ndarray, expert_ids: np
                   f"{dt.name} or probability margin <= {ROUTER_PROB_ULPS} ulp")
     case.add(name + ".margin", margin, "reference",
              note="chosen router logit minus the best other logit of its group")
+    case.add(name + ".prob_margin", prob_margin, "reference",
+             note="chosen probability minus the best other of its group (softmax as the spec)")
     case.add(name + REF_SUFFIX, free64.astype(np.int64), "reference",
              note="the float64 router's own choice (references downstream use this run's)")
     summary = {"choices": int(expert_ids.size), "near_ties": int(ties.sum()),
