@@ -514,8 +514,11 @@ def worker_moe(args) -> dict:
 def run_worker(kind: str, extra: list[str], env=None, timeout=3600) -> dict:
     """Run `python -m refimpl.bench worker KIND ...` and return its JSON result."""
     cmd = [sys.executable, "-m", "refimpl.bench", "worker", kind, *extra]
+    # from a neutral directory: `python -m` puts the working directory first on sys.path, and
+    # in the repository root the top-level kernels/ folder would shadow the PyPI package
+    # `kernels` that transformers imports (refimpl.kernels is installed by its own mapping)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, cwd=tempfile.gettempdir())
     result = None
     for line in proc.stdout:
         if line.startswith("RESULT "):

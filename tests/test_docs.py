@@ -36,6 +36,18 @@ def test_golden_works_under_python_OO(tmp_path):
     assert out[True] == out[False] and len(out[True]) == 4
 
 
+def test_the_repository_root_is_not_on_sys_path():
+    """kernels/ (installed as refimpl.kernels) must not be importable as a top-level
+    `kernels`: transformers imports the PyPI package of that name (pyproject's importlib
+    import mode and the README's `pytest` command keep the root off sys.path)."""
+    here = [p for p in sys.path if pathlib.Path(p or ".").resolve() == ROOT]
+    assert not here, f"{ROOT} is on sys.path: run the tests with `pytest`, not `python -m pytest`"
+    import importlib.util
+
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or pathlib.Path(spec.origin).resolve().parent != ROOT / "kernels"
+
+
 def test_no_test_skips_for_a_hard_dependency():
     """Skips are for optional tools only (a C++ compiler, Linux /proc files): a missing test
     dependency fails its tests instead of hiding them."""
@@ -59,7 +71,7 @@ def test_readme_opens_with_the_two_setup_commands():
     run = lines.index("# run the embedded default model")
     test = lines.index("# run the tests")
     assert lines[run + 1].endswith("python -m refimpl run")
-    assert lines[test + 1].startswith("python3 -m venv") and "pytest" in lines[test + 1]
+    assert lines[test + 1].startswith("python3 -m venv") and "&& pytest " in lines[test + 1]
     assert run < 15 and test < 15
     assert "-rs" in lines[test + 1].split("pytest", 1)[1]  # CI prints the skip list
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
