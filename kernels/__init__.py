@@ -4,8 +4,11 @@
     y = K.linear(x, w, b)            # x, w in float64/float32/bfloat16/float16
 
 Accelerated: linear, rms_norm, apply_rope, attention, add, swiglu, moge_route, moe_block.
-Re-exported from the spec unchanged: embedding (a gather), softmax, silu, rope_tables,
-rotate_half, apply_rope_interleaved, causal_mask, sample, near_ties, routing_margins.
+Re-exported from the spec unchanged: embedding (a gather), softmax, silu, silu_and_mul,
+rope_tables, rotate_half, apply_rope_interleaved, causal_mask, sample, near_ties,
+routing_margins, and (no fast path yet) the serving-boundary operators attention_varlen,
+reshape_and_cache, gather_paged, paged_attention, add_rms_norm, cos_sin_cache, rope_cache,
+qkv_proj, swiglu_w13.
 
 Conventions (see each module's docstring for its kernel):
 
@@ -40,8 +43,10 @@ from ._cache import use_source_keyed_cache
 
 use_source_keyed_cache()  # before any kernel module is compiled or loaded from a cache
 
-from refimpl.ops import (apply_rope_interleaved, causal_mask, embedding, near_ties, rope_tables,
-                         rotate_half, routing_margins, sample, silu, softmax)
+from refimpl.ops import (add_rms_norm, apply_rope_interleaved, attention_varlen, causal_mask,
+                         cos_sin_cache, embedding, gather_paged, near_ties, paged_attention,
+                         qkv_proj, reshape_and_cache, rope_cache, rope_tables, rotate_half,
+                         routing_margins, sample, silu, silu_and_mul, softmax, swiglu_w13)
 
 from ._dtypes import round_to_bf16, round_to_f16
 from .attention import attention
@@ -54,4 +59,7 @@ from .rope import apply_rope
 
 __all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
            "moe_block", "moge_route", "near_ties", "routing_margins", "rms_norm", "apply_rope",
-           "apply_rope_interleaved", "rope_tables", "rotate_half", "sample", "round_to_bf16", "round_to_f16"]
+           "apply_rope_interleaved", "rope_tables", "rotate_half", "sample", "round_to_bf16",
+           "round_to_f16", "silu_and_mul", "attention_varlen", "reshape_and_cache",
+           "gather_paged", "paged_attention", "add_rms_norm", "cos_sin_cache", "rope_cache",
+           "qkv_proj", "swiglu_w13"]

@@ -8,6 +8,11 @@ from ..numerics import round_to, to_accum
 from .basic import linear, silu
 
 
+def silu_and_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """h = round(round(silu(gate)) * up), in gate's dtype. # [T, I], [T, I] -> [T, I]"""
+    return round_to(to_accum(silu(gate)) * to_accum(up), gate.dtype).astype(gate.dtype)
+
+
 def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
     """y = down(silu(gate(x)) * up(x)), weights in the checkpoint's [out, in] layout, no bias.
 
@@ -17,5 +22,4 @@ def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarr
     """
     g = linear(x, w_gate)                                   # [T, I]
     u = linear(x, w_up)                                     # [T, I]
-    h = round_to(to_accum(silu(g)) * to_accum(u), x.dtype)  # [T, I]
-    return linear(h.astype(x.dtype), w_down)                # [T, H]
+    return linear(silu_and_mul(g, u), w_down)               # [T, I] -> [T, H]
