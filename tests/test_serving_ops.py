@@ -195,3 +195,11 @@ def test_fused_qkv_and_w13_equal_the_separate_projections(mode):
         randn(rng, (H, inter), dt, 0.1)
     np.testing.assert_array_equal(bits(ops.swiglu_w13(x, np.concatenate([wg, wu]), wd)),
                                   bits(ops.swiglu(x, wg, wu, wd)))
+
+
+def test_lengths_that_are_not_vectors_are_refused():
+    q = np.zeros((2, 1, 4), np.float32)
+    with pytest.raises(InputError, match="q_lens must be a 1-D vector"):
+        ops.attention_varlen(q, q, q, 2, [2])
+    with pytest.raises(InputError, match="kv_lens must be a 1-D vector"):
+        ops.attention_varlen(q, q, q, [2], [[2]])

@@ -43,9 +43,9 @@ def attention_varlen(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_lens, kv_len
     prefill; q_lens < kv_lens: chunked prefill or a prefix cache). No attention across
     sequences. Each sequence is `refimpl.ops.attention`, so the cast points are its own.
     """
-    B = len(np.asarray(q_lens))
     ql = _lengths("q_lens", q_lens, q.shape[0])
     kl = _lengths("kv_lens", kv_lens, k.shape[0])
+    B = ql.size
     if kl.size != B:
         raise InputError(f"q_lens has {B} sequences but kv_lens has {kl.size}")
     if k.shape != v.shape:
