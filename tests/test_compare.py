@@ -378,7 +378,7 @@ def test_a_directory_of_cases_against_case_layout_candidates(tmp_path):
     shutil.copytree(os.path.join(GOLDEN, "tiny-dense"), cand)
     result = cli(os.path.join(GOLDEN, "tiny-dense"), cand)
     assert result.returncode == 0, result.stdout[-2000:]
-    assert _last_line(result).startswith("verdict: PASS (") and "in 26 cases" in _last_line(result)
+    assert _last_line(result).startswith("verdict: PASS (") and "in 42 cases" in _last_line(result)
     bad = cand / "tiny-dense-rope-fp16"
     t = load_case(str(bad)).tensors
     t["q_rope"] = ops.apply_rope_interleaved(t["q"], t["cos"], t["sin"])

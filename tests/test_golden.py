@@ -69,7 +69,8 @@ def test_operator_cases_have_the_preset_shapes(moge_bf16):
     names = sorted(moge_bf16)
     assert names == sorted(f"tiny-moge-{n}-bf16" for n in (
         "rms-norm", "rope", "rope-long", "attention-prefill", "attention-decode", "swiglu",
-        "moge-route", "moe"))
+        "moge-route", "moe", "attention-varlen-prefill", "attention-varlen-chunked",
+        "paged-attention", "reshape-and-cache"))
     t = {n: case.tensors for n, case in moge_bf16.items()}
     assert t["tiny-moge-rms-norm-bf16"]["x"].shape == (8, H)
     assert t["tiny-moge-rope-bf16"]["q"].shape == (8, Hq, D)
@@ -428,7 +429,7 @@ def test_committed_suite_regenerates_bit_identical(tmp_path, threads):
 
 def test_committed_suite_covers_every_operator_and_mode_and_is_small():
     cases = gf.find_cases(GOLDEN)
-    ops_by_preset = {"tiny-dense": {"rms_norm", "rope", "attention", "swiglu"},
+    ops_by_preset = {"tiny-dense": set(OPERATORS) - {"moge_route", "moe"},
                      "tiny-moge": set(OPERATORS)}
     seen = set()
     for rel in cases:
@@ -448,7 +449,11 @@ def test_committed_suite_loads_and_verifies():
         case = load_case(os.path.join(GOLDEN, rel))  # sha256 of every tensor checked
         assert case.entries("output")
         for e in case.entries():
-            assert np.isfinite(case.tensors[e["name"]].astype(np.float64)).all(), e["name"]
+            finite = np.isfinite(case.tensors[e["name"]].astype(np.float64))
+            if case.manifest["operator"] == "paged_attention" and e["name"].endswith("_cache"):
+                assert not finite.all() and finite.any()   # unowned slots are NaN, on purpose
+            else:
+                assert finite.all(), e["name"]
         assert case.manifest["command"].endswith("--out DIR")
 
 

@@ -13,6 +13,7 @@ ignores router_scale is no longer hidden behind the spec's own routing disagreem
 
 from __future__ import annotations
 
+import os
 import types
 
 import numpy as np
@@ -374,3 +375,135 @@ def test_a_correct_moge_layer_passes(moge_layer, backend, tmp_path):
     for layer, path in zip((0, 2), paths):
         report = judge(path, tmp_path / str(layer), model_outputs(candidate, path, layer))
         assert report["verdict"] == "pass", (layer, reasons(report))
+
+
+# ---------------------------------------------------------------------- serving boundaries
+def _serving_case(tmp_path_factory, op, mode, preset_name="tiny-dense", tokens=16, block_size=16):
+    cases = operator_cases(preset_name, [op], mode, tokens=tokens, block_size=block_size)
+    out = str(tmp_path_factory.mktemp(op))
+    return [(write_case(out, c), load_case(write_case(out, c)).tensors) for c in cases]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def varlen_cases(request, tmp_path_factory):
+    return _serving_case(tmp_path_factory, "attention_varlen", request.param)
+
+
+def _varlen_across_sequences(t):
+    """Wrong: one causal attention over the whole packed batch (sequences see each other)."""
+    q, k, v = t["q"], t["k"], t["v"]
+    return ops.attention(q, k, v, causal=True) if q.shape[0] == k.shape[0] else \
+        ops.attention(q, k[-q.shape[0]:], v[-q.shape[0]:], causal=True)
+
+
+def _varlen_top_left(t):
+    """Wrong: a sequence's queries at its first positions instead of its last (top-left
+    causal alignment, as a kernel without the q/kv offset does)."""
+    out = np.empty_like(t["q"])
+    qs, ks = np.cumsum(np.r_[0, t["q_lens"]]), np.cumsum(np.r_[0, t["kv_lens"]])
+    for b in range(len(t["q_lens"])):
+        n = int(t["q_lens"][b])
+        out[qs[b]:qs[b + 1]] = ops.attention(t["q"][qs[b]:qs[b + 1]], t["k"][ks[b]:ks[b] + n],
+                                             t["v"][ks[b]:ks[b] + n], causal=True)
+    return out
+
+
+def _varlen_numba(t):
+    """Correct, computed differently: the Numba attention kernel per sequence."""
+    from refimpl import kernels as K
+
+    out = np.empty_like(t["q"])
+    qs, ks = np.cumsum(np.r_[0, t["q_lens"]]), np.cumsum(np.r_[0, t["kv_lens"]])
+    for b in range(len(t["q_lens"])):
+        out[qs[b]:qs[b + 1]] = K.attention(t["q"][qs[b]:qs[b + 1]], t["k"][ks[b]:ks[b + 1]],
+                                           t["v"][ks[b]:ks[b + 1]], causal=True)
+    return out
+
+
+def test_attention_varlen_goldens_fail_wrong_kernels_and_pass_a_correct_one(varlen_cases,
+                                                                            tmp_path):
+    for path, t in varlen_cases:
+        chunked = not np.array_equal(t["q_lens"], t["kv_lens"])
+        wrong = [_varlen_across_sequences] + ([_varlen_top_left] if chunked else [])
+        for i, fn in enumerate(wrong):
+            report = judge(path, tmp_path / f"{os.path.basename(path)}-w{i}", {"o": fn(t)})
+            assert report["verdict"] == "fail", (path, fn.__name__, reasons(report))
+        report = judge(path, tmp_path / f"{os.path.basename(path)}-ok", {"o": _varlen_numba(t)})
+        assert report["verdict"] == "pass", (path, reasons(report))
+
+
+@pytest.fixture(scope="module", params=MODES)
+def paged_case(request, tmp_path_factory):
+    (case,) = _serving_case(tmp_path_factory, "paged_attention", request.param)
+    return case
+
+
+def _paged(t, *, contiguous=False, drop_last=False, numba=False):
+    """paged_attention written out: gather each sequence's keys through its table (or, wrong,
+    from blocks 0, 1, 2, ... as if the cache were contiguous), attend (or, wrong, without its
+    last position)."""
+    from refimpl import kernels as K
+
+    attend = K.attention if numba else ops.attention
+    kc, vc, bs = t["key_cache"], t["value_cache"], t["key_cache"].shape[1]
+    out = np.empty_like(t["query"])
+    for b, n in enumerate(t["context_lens"].astype(int)):
+        table = np.arange(t["block_tables"].shape[1]) if contiguous else t["block_tables"][b]
+        p = np.arange(n - 1 if drop_last and n > 1 else n)
+        k = kc[table[p // bs], p % bs]
+        v = vc[table[p // bs], p % bs]
+        out[b:b + 1] = attend(t["query"][b:b + 1], k, v, causal=True)
+    return out
+
+
+def test_paged_attention_golden_catches_wrong_indexing(paged_case, tmp_path):
+    path, t = paged_case
+    # reading blocks in storage order instead of through the table reaches NaN slots:
+    # the verdict is "unusable" (exit 2), loud
+    report = judge(path, tmp_path / "contiguous", {"out": _paged(t, contiguous=True)})
+    assert report["verdict"] in ("fail", "unusable"), reasons(report)
+    assert report["verdict"] == "unusable" and "NaN" in " ".join(reasons(report))
+    report = judge(path, tmp_path / "off-by-one", {"out": _paged(t, drop_last=True)})
+    assert report["verdict"] == "fail", reasons(report)
+    report = judge(path, tmp_path / "ok", {"out": _paged(t, numba=True)})
+    assert report["verdict"] == "pass", reasons(report)
+    assert t["block_tables"][0, 0] != 0 or t["block_tables"][1, 0] != 1  # tables shuffled
+    assert (t["context_lens"] % t["key_cache"].shape[1] != 0).any()
+
+
+@pytest.fixture(scope="module", params=MODES)
+def cache_case(request, tmp_path_factory):
+    (case,) = _serving_case(tmp_path_factory, "reshape_and_cache", request.param)
+    return case
+
+
+def _write_cache(t, *, transposed=False, zero_rest=False, swap=False, skip_padding=True):
+    """reshape_and_cache written out token by token, with optional bugs: slot read as
+    offset * num_blocks + block, the rest of the cache zeroed, K and V swapped, the padding
+    token (slot -1) written to the last slot."""
+    kc, vc = t["key_cache"].copy(), t["value_cache"].copy()
+    if zero_rest:
+        kc[:], vc[:] = 0, 0
+    NB, BS = kc.shape[:2]
+    key, value = (t["value"], t["key"]) if swap else (t["key"], t["value"])
+    for i, slot in enumerate(t["slot_mapping"].astype(int)):
+        if slot < 0 and skip_padding:
+            continue
+        block, off = (slot % NB, slot // NB) if transposed else (slot // BS, slot % BS)
+        kc[block, off], vc[block, off] = key[i], value[i]
+    return {"key_cache_out": kc, "value_cache_out": vc}
+
+
+@pytest.mark.parametrize("bug", ["transposed", "zero_rest", "swap", "writes_padding"])
+def test_reshape_and_cache_golden_fails_wrong_kernels(cache_case, bug, tmp_path):
+    path, t = cache_case
+    kwargs = {"writes_padding": {"skip_padding": False}}.get(bug, {bug: True})
+    report = judge(path, tmp_path / bug, _write_cache(t, **kwargs))
+    assert report["verdict"] == "fail", (bug, reasons(report))
+
+
+def test_reshape_and_cache_golden_passes_a_correct_kernel(cache_case, tmp_path):
+    path, t = cache_case
+    assert (t["slot_mapping"] < 0).sum() == 1
+    report = judge(path, tmp_path / "ok", _write_cache(t))
+    assert report["verdict"] == "pass", reasons(report)

@@ -8,8 +8,8 @@ import os
 from ..io.checkpoint import is_checkpoint_dir, model_config
 from ..config import PRESET_NAMES, preset
 from ..errors import InputError
-from ..golden import OPERATORS, iter_model_cases, model_command, model_name_of, \
-    operator_cases, parse_ops
+from ..golden import DEFAULT_BLOCK_SIZE, OPERATORS, iter_model_cases, model_command, \
+    model_name_of, operator_cases, parse_ops
 from ..golden.format import EXPORTS, write_case
 from ..numerics import MODES
 
@@ -43,6 +43,9 @@ def add_parser(subparsers) -> None:
                         "query against S=T cached positions)")
     p.add_argument("--rope-angles", choices=("exact", "float32"),
                    help="with --preset: RoPE angle mode (default: the config's)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
+                   help="with --preset: tokens per block of the paged KV cache "
+                        "(paged_attention, reshape_and_cache)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="with --preset: change a config field (JSON value), e.g. "
                         "--set moe_intermediate_size=128 for a real-width router with small "
@@ -179,7 +182,7 @@ def main(args) -> int:
         ops = parse_ops(args.ops, config, args.preset)
         cases = operator_cases(args.preset, ops, args.numerics, seed=args.seed,
                                tokens=args.tokens, rope_angles=args.rope_angles, export=export,
-                               overrides=overrides)
+                               overrides=overrides, block_size=args.block_size)
     else:
         if args.set:
             raise InputError("--set goes with --preset, not --model")

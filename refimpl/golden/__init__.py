@@ -8,12 +8,14 @@
 The case builders are re-exported here: `from refimpl.golden import operator_cases`.
 """
 
-from .cases import (ATTENTION_SCORE_OFFSET, MOGE_OPERATORS, OPERATORS, ROUTER_LOGIT_ULPS,
+from .cases import (ATTENTION_SCORE_OFFSET, DEFAULT_BLOCK_SIZE, MOGE_OPERATORS, OPERATORS,
+                    PAGED_OPERATORS, ROUTER_LOGIT_ULPS,
                     ROUTER_PROB_ULPS, available_operators, iter_model_cases, model_cases,
                     model_command, model_name_of, operator_cases, parse_ops, reference_model,
                     single_threaded_blas)
 
-__all__ = ["ATTENTION_SCORE_OFFSET", "MOGE_OPERATORS", "OPERATORS", "ROUTER_LOGIT_ULPS",
+__all__ = ["ATTENTION_SCORE_OFFSET", "DEFAULT_BLOCK_SIZE", "MOGE_OPERATORS", "OPERATORS",
+           "PAGED_OPERATORS", "ROUTER_LOGIT_ULPS",
            "ROUTER_PROB_ULPS", "available_operators", "iter_model_cases", "model_cases",
            "model_command", "model_name_of", "operator_cases", "parse_ops", "reference_model",
            "single_threaded_blas"]

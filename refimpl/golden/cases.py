@@ -33,7 +33,10 @@ from ..random_init import random_tensor, tensor_rng
 from ..taps import Taps
 from .format import DEFAULT_K, REF_SUFFIX, Case, is_float, numerics_entry
 
-OPERATORS = ("rms_norm", "rope", "attention", "swiglu", "moge_route", "moe")
+OPERATORS = ("rms_norm", "rope", "attention", "swiglu", "moge_route", "moe",
+             "attention_varlen", "paged_attention", "reshape_and_cache")
+#: tokens per block of the paged KV cache cases (vLLM / vllm-ascend default)
+DEFAULT_BLOCK_SIZE = 128
 MOGE_OPERATORS = ("moge_route", "moe")
 #: per-query offset of the attention scores, from a key direction shared by all keys (as
 #: trained models have): softmax is unchanged by it, but exp() without max-subtraction
@@ -133,6 +136,7 @@ class _Ctx:
     rope_angles: str
     rope_override: bool
     overrides: dict
+    block_size: int = DEFAULT_BLOCK_SIZE
 
     @property
     def dtype(self) -> np.dtype:
@@ -143,6 +147,8 @@ class _Ctx:
                  f"--numerics {self.mode}", f"--seed {self.seed}", f"--tokens {self.tokens}"]
         if self.rope_override:
             parts.append(f"--rope-angles {self.rope_angles}")
+        if op in PAGED_OPERATORS:
+            parts.append(f"--block-size {self.block_size}")
         for name, value in self.overrides.items():
             text = json.dumps(list(value) if isinstance(value, tuple) else value)
             parts.append(f"--set {shlex.quote(f'{name}={text}')}")
@@ -270,9 +276,11 @@ def parse_ops(text: str | None, config: ModelConfig, name: str) -> list:
 
 @_deterministic
 def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens: int = 16,
-                   rope_angles: str | None = None, export=(), overrides=None) -> list:
+                   rope_angles: str | None = None, export=(), overrides=None,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> list:
     """The cases of the named operators at the preset's shapes (see the module docstring);
-    `overrides` change config fields (`golden --set FIELD=VALUE`)."""
+    `overrides` change config fields (`golden --set FIELD=VALUE`); `block_size` is the paged
+    cache's (`--block-size`)."""
     overrides = dict(overrides or {})
     config = preset(preset_name, **overrides)
     storage_dtype(mode)  # refuse an unknown mode first
@@ -282,12 +290,18 @@ def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens
     if rope_angles is not None and rope_angles not in ROPE_ANGLE_MODES:
         raise InputError(f"--rope-angles {rope_angles!r}: choose one of "
                          f"{', '.join(ROPE_ANGLE_MODES)}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise InputError(f"--block-size must be a positive integer, got {block_size}")
     ops_list = parse_ops(",".join(operators), config, preset_name)
     ctx = _Ctx(config, preset_name, mode, int(seed), tokens, tuple(export),
-               rope_angles or config.rope_angles, rope_angles is not None, overrides)
+               rope_angles or config.rope_angles, rope_angles is not None, overrides,
+               block_size)
     builders = {"rms_norm": _rms_norm_cases, "rope": _rope_cases,
                 "attention": _attention_cases, "swiglu": _swiglu_cases,
-                "moge_route": _moge_route_cases, "moe": _moe_cases}
+                "moge_route": _moge_route_cases, "moe": _moe_cases,
+                "attention_varlen": _attention_varlen_cases,
+                "paged_attention": _paged_attention_cases,
+                "reshape_and_cache": _reshape_and_cache_cases}
     cases = []
     for op in ops_list:
         cases.extend(builders[op](ctx))
@@ -408,6 +422,158 @@ def _attention_cases(ctx: _Ctx) -> list:
                    k_error("o"), {"op": "attention", "args": ["q", "k", "v"]})
         cases.append(case)
     return cases
+
+
+PAGED_OPERATORS = ("paged_attention", "reshape_and_cache")
+_WHY_COPY = "a copy: every slot is bit-equal to what was written or what was there"
+
+
+def varlen_lengths(T: int, chunked: bool):
+    """(q_lens, kv_lens) int32 of the attention_varlen cases: 4 sequences of 1, T, an odd
+    length near T and 3 positions; chunked: 1, T // 3 (at least 1), 1 and 2 new queries."""
+    odd = T + 1 if T % 2 == 0 else T + 2
+    kv_lens = np.array([1, T, odd, 3], np.int32)
+    q_lens = np.array([1, max(1, T // 3), 1, 2], np.int32) if chunked else kv_lens.copy()
+    return q_lens, kv_lens
+
+
+def _attention_varlen_cases(ctx: _Ctx) -> list:
+    c, T = ctx.config, ctx.tokens
+    D, Hq, Hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    cases = []
+    for variant, chunked in (("prefill", False), ("chunked", True)):
+        q_lens, kv_lens = varlen_lengths(T, chunked)
+        case = ctx.case(
+            "attention_varlen", variant,
+            f"attention over {len(q_lens)} sequences packed along the token axis ("
+            f"{'chunked prefill: q_lens < kv_lens' if chunked else 'batched prefill'})",
+            {"num_heads": Hq, "num_kv_heads": Hkv, "head_dim": D, "group": c.kv_group_size,
+             "q_lens": [int(n) for n in q_lens], "kv_lens": [int(n) for n in kv_lens],
+             "cu_seqlens_q": [int(n) for n in np.cumsum(np.r_[0, q_lens])],
+             "cu_seqlens_kv": [int(n) for n in np.cumsum(np.r_[0, kv_lens])],
+             "layout": "q [sum q_lens, heads, D], k/v [sum kv_lens, kv_heads, D]: sequence b "
+                       "owns rows cu_seqlens[b] .. cu_seqlens[b+1]-1",
+             "mask": "lengths, no mask tensor: sequence b's queries are the last q_lens[b] of "
+                     "its kv_lens[b] positions, causal; no attention across sequences",
+             "scale": D ** -0.5,
+             "formula": "per sequence, refimpl.ops.attention (the attention case's cast points)"},
+            ["attention"], {"default": "k-error", "why": _WHY_K})
+        q, k, v = _attention_inputs(ctx, f"attention_varlen.{variant}", int(q_lens.sum()),
+                                    int(kv_lens.sum()))
+        for name, a in (("q", q), ("k", k), ("v", v), ("q_lens", q_lens),
+                        ("kv_lens", kv_lens)):
+            case.add(name, a, "input")
+        o = ops.attention_varlen(q, k, v, q_lens, kv_lens)
+        add_output(case, "o", o, ops.attention_varlen(f64(q), f64(k), f64(v), q_lens, kv_lens),
+                   k_error("o"), {"op": "attention_varlen",
+                                  "args": ["q", "k", "v", "q_lens", "kv_lens"]})
+        cases.append(case)
+    return cases
+
+
+def _paged_layout(ctx: _Ctx, tag: str, lengths, spare: int = 2):
+    """Blocks for sequences of the given lengths handed out in a seeded shuffled order (so
+    tables are neither contiguous nor increasing), `spare` blocks nobody owns, the last
+    block among them (where a slot of -1 lands when a kernel takes it for an index).
+    Returns (num_blocks, block_tables int32 [B, max_blocks] padded with -1, slots per
+    sequence)."""
+    bs = ctx.block_size
+    need = [-(-int(n) // bs) for n in lengths]
+    num_blocks = sum(need) + spare
+    order = tensor_rng(ctx.seed, f"golden.{tag}.blocks").permutation(num_blocks - 1)
+    tables = np.full((len(lengths), max(need)), -1, np.int32)
+    slots, pos = [], 0
+    for b, n in enumerate(lengths):
+        tables[b, :need[b]] = order[pos:pos + need[b]]
+        pos += need[b]
+        p = np.arange(int(n))
+        slots.append(tables[b, p // bs].astype(np.int64) * bs + p % bs)
+    return num_blocks, tables, slots
+
+
+def paged_context_lens(T: int, block_size: int, max_positions: int) -> np.ndarray:
+    """context_lens int32 of the paged_attention cases: 1, T, block_size + 1 (not a multiple
+    of the block size) and 2 x block_size, each at most max_positions."""
+    lens = [1, T, block_size + 1, 2 * block_size]
+    return np.array([min(n, max_positions) for n in lens], np.int32)
+
+
+def _paged_attention_cases(ctx: _Ctx) -> list:
+    c, T, bs, dt = ctx.config, ctx.tokens, ctx.block_size, ctx.dtype
+    D, Hq, Hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    lens = paged_context_lens(T, bs, c.max_position_embeddings)
+    num_blocks, tables, slots = _paged_layout(ctx, "paged_attention", lens)
+    case = ctx.case(
+        "paged_attention", "",
+        f"decode for {len(lens)} sequences, one query each, keys and values read through "
+        f"block tables from a paged cache of {num_blocks} blocks of {bs}",
+        {"num_heads": Hq, "num_kv_heads": Hkv, "head_dim": D, "block_size": bs,
+         "num_blocks": num_blocks, "context_lens": [int(n) for n in lens],
+         "layout": "query [B, heads, D]; key_cache/value_cache [num_blocks, block_size, "
+                   "kv_heads, D]; block_tables int32 [B, max_blocks] (-1 past a sequence's "
+                   "blocks); context_lens int32 [B]",
+         "indexing": "position p of sequence b is cache[block_tables[b, p // block_size], "
+                     "p % block_size]; query b sits at position context_lens[b] - 1 and sees "
+                     "positions 0 .. context_lens[b] - 1",
+         "unowned_slots": "every cache slot no sequence owns is NaN: a kernel that reads "
+                          "outside its table or past its context returns NaN (unusable)",
+         "scale": D ** -0.5,
+         "formula": "per sequence, refimpl.ops.attention of its query over the gathered keys"},
+        ["attention"], {"default": "k-error", "why": _WHY_K})
+    query, keys, values = _attention_inputs(ctx, "paged_attention", len(lens), int(lens.sum()))
+    key_cache = np.full((num_blocks * bs, Hkv, D), np.nan, dt)
+    value_cache = np.full((num_blocks * bs, Hkv, D), np.nan, dt)
+    flat = np.concatenate(slots)
+    key_cache[flat], value_cache[flat] = keys, values
+    key_cache = key_cache.reshape(num_blocks, bs, Hkv, D)
+    value_cache = value_cache.reshape(num_blocks, bs, Hkv, D)
+    for name, a in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache),
+                    ("block_tables", tables), ("context_lens", lens)):
+        case.add(name, a, "input")
+    out = ops.paged_attention(query, key_cache, value_cache, tables, lens)
+    add_output(case, "out", out,
+               ops.paged_attention(f64(query), f64(key_cache), f64(value_cache), tables, lens),
+               k_error("out"), {"op": "paged_attention",
+                                "args": ["query", "key_cache", "value_cache", "block_tables",
+                                         "context_lens"]})
+    return [case]
+
+
+def _reshape_and_cache_cases(ctx: _Ctx) -> list:
+    c, T, bs, dt = ctx.config, ctx.tokens, ctx.block_size, ctx.dtype
+    D, Hkv = c.head_dim, c.num_key_value_heads
+    num_blocks, _, (slots,) = _paged_layout(ctx, "reshape_and_cache", [T], spare=1)
+    rng = tensor_rng(ctx.seed, "golden.reshape_and_cache.slots")
+    slot_mapping = rng.permutation(np.r_[slots, -1]).astype(np.int32)  # one padding token
+    case = ctx.case(
+        "reshape_and_cache", "",
+        f"write {T} new keys and values (and one padding token, slot -1) into a paged cache "
+        f"of {num_blocks} blocks of {bs} through a slot mapping",
+        {"num_kv_heads": Hkv, "head_dim": D, "block_size": bs, "num_blocks": num_blocks,
+         "tokens": T + 1,
+         "layout": "key/value [T, kv_heads, D]; key_cache/value_cache [num_blocks, "
+                   "block_size, kv_heads, D]; slot_mapping int32 [T]",
+         "indexing": "token t goes to block slot // block_size, offset slot % block_size, "
+                     "slot = slot_mapping[t]; a negative slot is padding and is not written; "
+                     "every other slot keeps its value",
+         "formula": "key_cache_out = key_cache with the new rows written (the same for "
+                    "values); no arithmetic"},
+        [], {"default": "exact", "why": _WHY_COPY})
+    key = ctx.normal("reshape_and_cache.key", (T + 1, Hkv, D))
+    value = ctx.normal("reshape_and_cache.value", (T + 1, Hkv, D))
+    key_cache = ctx.normal("reshape_and_cache.key_cache", (num_blocks, bs, Hkv, D))
+    value_cache = ctx.normal("reshape_and_cache.value_cache", (num_blocks, bs, Hkv, D))
+    for name, a in (("key", key), ("value", value), ("key_cache", key_cache),
+                    ("value_cache", value_cache), ("slot_mapping", slot_mapping)):
+        case.add(name, a, "input")
+    k_out, v_out = ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    produced = {"op": "reshape_and_cache",
+                "args": ["key", "value", "key_cache", "value_cache", "slot_mapping"]}
+    for name, a in (("key_cache_out", k_out), ("value_cache_out", v_out)):
+        case.add(name, a, "output", criterion={"name": "allclose"}, produced_by=produced,
+                 tolerance={"rtol": 0.0, "atol": 0.0},
+                 note="a copy: compared with zero tolerance")
+    return [case]
 
 
 def _swiglu_cases(ctx: _Ctx) -> list:
@@ -797,7 +963,8 @@ def model_name_of(spec: str) -> str:
     return os.path.basename(os.path.normpath(spec)) or "model"
 
 
-__all__ = ["OPERATORS", "MOGE_OPERATORS", "operator_cases", "model_cases", "iter_model_cases",
+__all__ = ["OPERATORS", "MOGE_OPERATORS", "PAGED_OPERATORS", "DEFAULT_BLOCK_SIZE",
+           "varlen_lengths", "paged_context_lens", "operator_cases", "model_cases", "iter_model_cases",
            "parse_ops",
            "available_operators", "reference_model", "model_command", "model_name_of",
            "ATTENTION_SCORE_OFFSET"]
