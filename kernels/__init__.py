@@ -3,12 +3,13 @@
     from refimpl import kernels as K
     y = K.linear(x, w, b)            # x, w in float64/float32/bfloat16/float16
 
-Accelerated: linear, rms_norm, apply_rope, attention, add, swiglu, moge_route, moe_block.
+Accelerated: linear, rms_norm, apply_rope, attention, add, swiglu, moge_route, moe_block,
+paged_attention.
 Re-exported from the spec unchanged: embedding (a gather), softmax, silu, silu_and_mul,
 rope_tables, rotate_half, apply_rope_interleaved, causal_mask, sample, near_ties,
 routing_margins, and (no fast path yet) the serving-boundary operators attention_varlen,
-reshape_and_cache, gather_paged, paged_attention, add_rms_norm, cos_sin_cache, rope_cache,
-qkv_proj, swiglu_w13.
+reshape_and_cache, gather_paged, add_rms_norm, cos_sin_cache, rope_cache, qkv_proj,
+swiglu_w13. `paged_attention` has its kernel (decode through the block table, in place).
 
 Conventions (see each module's docstring for its kernel):
 
@@ -44,12 +45,12 @@ from ._cache import use_source_keyed_cache
 use_source_keyed_cache()  # before any kernel module is compiled or loaded from a cache
 
 from refimpl.ops import (add_rms_norm, apply_rope_interleaved, attention_varlen, causal_mask,
-                         cos_sin_cache, embedding, gather_paged, near_ties, paged_attention,
-                         qkv_proj, reshape_and_cache, rope_cache, rope_tables, rotate_half,
+                         cos_sin_cache, embedding, gather_paged, near_ties, qkv_proj,
+                         reshape_and_cache, rope_cache, rope_tables, rotate_half,
                          routing_margins, sample, silu, silu_and_mul, softmax, swiglu_w13)
 
 from ._dtypes import round_to_bf16, round_to_f16
-from .attention import attention
+from .attention import attention, paged_attention
 from .basic import add
 from .linear import linear
 from .mlp import swiglu

@@ -262,6 +262,92 @@ def _flash_task(q, kT, v, scale, causal, bq, bk, task, out):
             st(out, (t0 + i, h, d), acc[i, d] / l[i])
 
 
+@numba.njit(parallel=True, cache=True)
+def _paged(q, kc, vc, tables, lens, scale, par, out):
+    """Paged decode, one task per (sequence b, head h).
+
+    # q [B, Hq, D], kc/vc [NB, BS, Hkv, D], tables [B, max_blocks], lens [B] -> out [B, Hq, D]
+    """
+    n = q.shape[0] * q.shape[1]
+    if par:
+        for task in prange(n):
+            _paged_row(q, kc, vc, tables, lens, scale, task, out)
+    else:
+        for task in range(n):
+            _paged_row(q, kc, vc, tables, lens, scale, task, out)
+
+
+@numba.njit(cache=True)
+def _paged_row(q, kc, vc, tables, lens, scale, task, out):
+    """`_attn_row` reading its keys and values through a block table, block by block: the
+    same dot products (4 keys a tile within a block, the rest one by one) and the same key
+    order in p @ v, so it equals the contiguous decode kernel bit for bit."""
+    B, Hq, D = q.shape
+    BS, Hkv = kc.shape[1], kc.shape[2]
+    b = task // Hq
+    h = task - b * Hq
+    hk = h // (Hq // Hkv)
+    n = lens[b]
+    z = acc_zero(q)
+    qo = (b * Hq + h) * D
+    s = np.full(n, z)
+    nblk = (n + BS - 1) // BS
+    for i in range(nblk):
+        base = (tables[b, i] * BS * Hkv + hk) * D        # key 0 of the block, head hk
+        j0 = i * BS
+        cnt = min(n, j0 + BS) - j0
+        j = 0
+        while j + 4 <= cnt:
+            r = dot_1x4(q, qo, 0, kc, base + j * Hkv * D, Hkv * D, D)
+            for jj in range(4):
+                s[j0 + j + jj] = rnd(rnd(r[jj], q) * scale, q)
+            j += 4
+        while j < cnt:
+            s[j0 + j] = rnd(rnd(dot_1x1(q, qo, 0, kc, base + j * Hkv * D, 0, D)[0], q) * scale,
+                            q)
+            j += 1
+    m = s.max()
+    for j in range(n):
+        s[j] = vexp(s[j] - m)
+    tot = z
+    for j in range(n):
+        tot += s[j]
+    for j in range(n):
+        s[j] = rnd(s[j] / tot, q)                       # p, rounded as the spec
+    o = np.full(D, z)
+    for i in range(nblk):                               # o = sum_j p_j v_j, in key order
+        j0 = i * BS
+        axpy_rows(o, 0, s, j0, vc, (tables[b, i] * BS * Hkv + hk) * D, Hkv * D,
+                  min(n, j0 + BS) - j0, D)
+    for d in range(D):
+        st(out, (b, h, d), o[d])
+
+
+def paged_attention(query: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray,
+                    block_tables, context_lens, scale: float | None = None) -> np.ndarray:
+    """Decode for a batch through a paged KV cache, as `refimpl.ops.paged_attention`.
+
+    # query [B, Hq, D], caches [num_blocks, block_size, Hkv, D], block_tables [B, max_blocks],
+    # context_lens [B] -> [B, Hq, D]
+    Reads each sequence's keys and values through its block table in place (no gather of the
+    cache); only the first ceil(context_lens[b] / block_size) table entries are read.
+    Equal bit for bit to `attention` (the decode kernel) over the gathered keys.
+    """
+    query = np.asarray(query)
+    check_dtype(query, "paged_attention")
+    tables, lens = spec.check_paged(query, key_cache, value_cache, block_tables, context_lens)
+    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+        return spec.paged_attention(query, key_cache, value_cache, block_tables, context_lens,
+                                    scale)
+    D = query.shape[2]
+    sc = acc_np(query.dtype).type(D ** -0.5 if scale is None else scale)
+    out, out_raw = empty(query.shape, query.dtype)
+    par = parallel(int(lens.sum()) * query.shape[1] * D)
+    _paged(raw(query), raw(np.ascontiguousarray(key_cache)), raw(np.ascontiguousarray(value_cache)),
+           np.ascontiguousarray(tables), np.ascontiguousarray(lens), sc, par, out_raw)
+    return out
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True,
               scale: float | None = None, flash: bool | None = None) -> np.ndarray:
     """o = softmax(q k^T * scale + mask) v per head, scale = head_dim ** -0.5, GQA.

@@ -467,6 +467,12 @@ def test_paged_attention_golden_catches_wrong_indexing(paged_case, tmp_path):
     assert report["verdict"] == "fail", reasons(report)
     report = judge(path, tmp_path / "ok", {"out": _paged(t, numba=True)})
     assert report["verdict"] == "pass", reasons(report)
+    from refimpl import kernels as K
+
+    fast = K.paged_attention(t["query"], t["key_cache"], t["value_cache"], t["block_tables"],
+                             t["context_lens"])
+    report = judge(path, tmp_path / "kernel", {"out": fast})
+    assert report["verdict"] == "pass", reasons(report)
     assert t["block_tables"][0, 0] != 0 or t["block_tables"][1, 0] != 1  # tables shuffled
     assert (t["context_lens"] % t["key_cache"].shape[1] != 0).any()
 

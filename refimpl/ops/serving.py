@@ -125,18 +125,16 @@ def gather_paged(cache: np.ndarray, block_table, length: int) -> np.ndarray:
     return cache[blocks].reshape(need * BS, *cache.shape[2:])[:length]
 
 
-def paged_attention(query: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray,
-                    block_tables, context_lens, scale: float | None = None) -> np.ndarray:
-    """Decode for a batch: one query per sequence against its cached positions.
-
-    # query [B, Hq, D], caches [num_blocks, block_size, Hkv, D], block_tables int [B, max_blocks],
-    # context_lens int [B] -> [B, Hq, D]
-    Query b sits at position context_lens[b] - 1 and sees positions 0 .. context_lens[b] - 1,
-    read through block_tables[b] (`gather_paged`); blocks need not be contiguous or
-    increasing, and table entries past the context are never read. The result of each
-    sequence is `refimpl.ops.attention` of its query over those keys, bit for bit.
-    """
+def check_paged(query, key_cache, value_cache, block_tables, context_lens):
+    """The inputs of a paged decode, checked as a kernel receives them: caches of one shape
+    in separate buffers, query [B, Hq, D] with Hkv dividing Hq, integer block tables [B, *]
+    whose first ceil(context_lens[b] / block_size) entries name blocks of the cache, context
+    lengths >= 1. Returns (block_tables int64, context_lens int64); InputError otherwise."""
     _check_cache(key_cache, value_cache)
+    NB, BS, Hkv, D = key_cache.shape
+    if query.ndim != 3 or query.shape[2] != D or query.shape[1] % Hkv:
+        raise InputError(f"query must be [B, heads, {D}] with {Hkv} KV heads dividing the "
+                         f"heads, got {list(query.shape)}")
     B = query.shape[0]
     tables = np.asarray(block_tables)
     if tables.ndim != 2 or tables.shape[0] != B or tables.dtype.kind not in "iu":
@@ -148,6 +146,33 @@ def paged_attention(query: np.ndarray, key_cache: np.ndarray, value_cache: np.nd
     if (lens < 1).any():
         raise InputError("context_lens: every sequence needs at least one cached position "
                          "(its own)")
+    tables = tables.astype(np.int64)
+    need = -(-lens // BS)                                              # blocks per sequence
+    if (need > tables.shape[1]).any():
+        b = int(np.argmax(need > tables.shape[1]))
+        raise InputError(f"context of {int(lens[b])} positions needs {int(need[b])} blocks of "
+                         f"{BS}, the block table has {tables.shape[1]}")
+    used = np.arange(tables.shape[1])[None, :] < need[:, None]         # [B, max_blocks]
+    bad = used & ((tables < 0) | (tables >= NB))
+    if bad.any():
+        raise InputError(f"block table entry {int(tables[bad][0])} is outside the cache's {NB} "
+                         "blocks")
+    return tables, lens
+
+
+def paged_attention(query: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray,
+                    block_tables, context_lens, scale: float | None = None) -> np.ndarray:
+    """Decode for a batch: one query per sequence against its cached positions.
+
+    # query [B, Hq, D], caches [num_blocks, block_size, Hkv, D], block_tables int [B, max_blocks],
+    # context_lens int [B] -> [B, Hq, D]
+    Query b sits at position context_lens[b] - 1 and sees positions 0 .. context_lens[b] - 1,
+    read through block_tables[b] (`gather_paged`); blocks need not be contiguous or
+    increasing, and table entries past the context are never read. The result of each
+    sequence is `refimpl.ops.attention` of its query over those keys, bit for bit.
+    """
+    tables, lens = check_paged(query, key_cache, value_cache, block_tables, context_lens)
+    B = query.shape[0]
     out = np.empty(query.shape, query.dtype)
     for b in range(B):
         k = gather_paged(key_cache, tables[b], int(lens[b]))
@@ -229,5 +254,6 @@ def swiglu_w13(x: np.ndarray, w13: np.ndarray, w_down: np.ndarray) -> np.ndarray
     return linear(silu_and_mul(g, u), w_down)
 
 
-__all__ = ["attention_varlen", "reshape_and_cache", "gather_paged", "paged_attention",
+__all__ = ["attention_varlen", "reshape_and_cache", "gather_paged", "check_paged",
+           "paged_attention",
            "add_rms_norm", "cos_sin_cache", "rope_cache", "qkv_proj", "swiglu_w13"]
