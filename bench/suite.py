@@ -234,6 +234,43 @@ def _to_torch(torch, a):
     return torch.from_numpy(a)
 
 
+def paged_cases(add_case, rng, dt, quick: bool) -> None:
+    """Paged decode for a batch of 8 sequences of mixed lengths (up to 4096; 1024 quick) at
+    the 1B attention shape, blocks of 128 handed out shuffled, beside the contiguous decode
+    kernel on the same keys: the cost of reading through the block table."""
+    from refimpl import kernels as K
+    from refimpl import ops
+
+    Hq, Hkv, D, bs = 12, 6, 128, 128
+    top = 1024 if quick else 4096
+    lens = np.array([1, 129, top // 8, top // 4, top // 2 + 7, 3 * top // 4, top - 1, top],
+                    np.int32)
+    need = -(-lens // bs)
+    order = rng.permutation(int(need.sum()))
+    tables = np.zeros((len(lens), int(need.max())), np.int32)
+    kc = _rand(rng, (int(need.sum()) * bs, Hkv, D), dt)
+    vc = _rand(rng, (int(need.sum()) * bs, Hkv, D), dt)
+    keys, values, pos = [], [], 0
+    for b, n in enumerate(lens):
+        tables[b, :need[b]] = order[pos:pos + need[b]]
+        pos += need[b]
+        p = np.arange(n)
+        slots = tables[b, p // bs].astype(np.int64) * bs + p % bs
+        keys.append(kc[slots].copy())
+        values.append(vc[slots].copy())
+    kc, vc = kc.reshape(-1, bs, Hkv, D), vc.reshape(-1, bs, Hkv, D)
+    q = _rand(rng, (len(lens), Hq, D), dt)
+    shape = f"1B B=8 mixed lengths <= {top}, blocks of {bs}"
+
+    def contiguous(attend):
+        return [attend(q[b:b + 1], keys[b], values[b]) for b in range(len(lens))]
+
+    add_case("paged_attention", shape, lambda: ops.paged_attention(q, kc, vc, tables, lens),
+             lambda: K.paged_attention(q, kc, vc, tables, lens), None)
+    add_case("decode contiguous", shape, lambda: contiguous(ops.attention),
+             lambda: contiguous(K.attention), None)
+
+
 def op_cases(quick: bool, numerics: str):
     """(name, shape text, numpy fn, numba fn, torch fn-or-None) at the real shapes."""
     from refimpl import kernels as K
@@ -307,6 +344,7 @@ def op_cases(quick: bool, numerics: str):
 
     tokens = (1, 128) if quick else (1, 128, 512)
     layer_cases("1B", 1536, 12, 6, 6144, tokens, lm_head_vocab=None if quick else 153376)
+    paged_cases(add_case, rng, dt, quick)
     # Pro-MoE layer: attention and shared expert shapes, router
     layer_cases("ProMoE", 5120, 40, 8, 5376, (1, 128) if quick else (1, 512))
     E, G, H = MOE_SHAPE["experts"], MOE_SHAPE["groups"], MOE_SHAPE["hidden"]
