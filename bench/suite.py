@@ -245,19 +245,10 @@ def paged_cases(add_case, rng, dt, quick: bool) -> None:
     top = 1024 if quick else 4096
     lens = np.array([1, 129, top // 8, top // 4, top // 2 + 7, 3 * top // 4, top - 1, top],
                     np.int32)
-    need = -(-lens // bs)
-    order = rng.permutation(int(need.sum()))
-    tables = np.zeros((len(lens), int(need.max())), np.int32)
-    kc = _rand(rng, (int(need.sum()) * bs, Hkv, D), dt)
-    vc = _rand(rng, (int(need.sum()) * bs, Hkv, D), dt)
-    keys, values, pos = [], [], 0
-    for b, n in enumerate(lens):
-        tables[b, :need[b]] = order[pos:pos + need[b]]
-        pos += need[b]
-        p = np.arange(n)
-        slots = tables[b, p // bs].astype(np.int64) * bs + p % bs
-        keys.append(kc[slots].copy())
-        values.append(vc[slots].copy())
+    nb = int((-(-lens // bs)).sum())
+    tables, slots = ops.allocate_blocks(lens, bs, rng.permutation(nb))
+    kc, vc = _rand(rng, (nb * bs, Hkv, D), dt), _rand(rng, (nb * bs, Hkv, D), dt)
+    keys, values = [kc[sl] for sl in slots], [vc[sl] for sl in slots]
     kc, vc = kc.reshape(-1, bs, Hkv, D), vc.reshape(-1, bs, Hkv, D)
     q = _rand(rng, (len(lens), Hq, D), dt)
     shape = f"1B B=8 mixed lengths <= {top}, blocks of {bs}"

@@ -42,6 +42,37 @@ from ._vec import axpy_rows, dot_1x1, dot_1x4
 BLOCK_Q, BLOCK_K = 32, 64
 
 
+@numba.njit(cache=True)
+def _scores(q, qo, k, base, stride, cnt, scale, s, s0):
+    """s[s0 + j] = round(round(q . k_j) * scale) for the cnt keys k_j at k[base + j * stride]
+    (flat offsets; 4 keys a tile, the rest one by one: a tile gives a lone dot's bits)."""
+    D = q.shape[-1]
+    j = 0
+    while j + 4 <= cnt:
+        r = dot_1x4(q, qo, 0, k, base + j * stride, stride, D)
+        for jj in range(4):
+            s[s0 + j + jj] = rnd(rnd(r[jj], q) * scale, q)
+        j += 4
+    while j < cnt:
+        s[s0 + j] = rnd(rnd(dot_1x1(q, qo, 0, k, base + j * stride, 0, D)[0], q) * scale, q)
+        j += 1
+
+
+@numba.njit(cache=True)
+def _softmax_rounded(s, n, q):
+    """s[:n] = round(exp(s - max) / sum), the sum in key order: the spec's probabilities."""
+    m = s[0]
+    for j in range(1, n):
+        m = max(m, s[j])
+    for j in range(n):
+        s[j] = vexp(s[j] - m)
+    tot = acc_zero(q)
+    for j in range(n):
+        tot += s[j]
+    for j in range(n):
+        s[j] = rnd(s[j] / tot, q)
+
+
 @numba.njit(parallel=True, cache=True)
 def _attn_rows(q, k, v, scale, causal, par, out):
     """Exact cast points, one task per (query t, head h).
@@ -70,23 +101,8 @@ def _attn_row(q, k, v, scale, causal, task, out):
     n = offset + t + 1 if causal else S
     qo = (t * Hq + h) * D
     s = np.full(n, z)
-    j = 0
-    while j + 4 <= n:
-        r = dot_1x4(q, qo, 0, k, (j * Hkv + hk) * D, Hkv * D, D)
-        for jj in range(4):
-            s[j + jj] = rnd(rnd(r[jj], q) * scale, q)
-        j += 4
-    while j < n:
-        s[j] = rnd(rnd(dot_1x1(q, qo, 0, k, (j * Hkv + hk) * D, 0, D)[0], q) * scale, q)
-        j += 1
-    m = s.max()
-    for j in range(n):
-        s[j] = vexp(s[j] - m)
-    tot = z
-    for j in range(n):
-        tot += s[j]
-    for j in range(n):
-        s[j] = rnd(s[j] / tot, q)                       # p, rounded as the spec
+    _scores(q, qo, k, hk * D, Hkv * D, n, scale, s, 0)
+    _softmax_rounded(s, n, q)                           # p, rounded as the spec
     o = np.full(D, z)
     axpy_rows(o, 0, s, 0, v, hk * D, Hkv * D, n, D)     # o = sum_j p_j v_j, in key order
     for d in range(D):
@@ -146,16 +162,7 @@ def _block_task(q, kT, v, scale, causal, bq, task, out):
         n = min(kend, offset + t0 + i + 1) if causal else kend
         for j in range(n):
             s[i, j] = rnd(rnd(s[i, j], q) * scale, q)                   # spec's score roundings
-        m = s[i, 0]
-        for j in range(1, n):
-            m = max(m, s[i, j])
-        for j in range(n):
-            s[i, j] = vexp(s[i, j] - m)
-        tot = z
-        for j in range(n):
-            tot += s[i, j]
-        for j in range(n):
-            s[i, j] = rnd(s[i, j] / tot, q)                             # p, rounded as the spec
+        _softmax_rounded(s[i], n, q)                                    # p, rounded as the spec
         for d in range(D):
             o[d] = z
         axpy_rows(o, 0, s, i * kend, v, hk * D, Hkv * D, n, D)          # o = sum_j p_j v_j
@@ -293,27 +300,10 @@ def _paged_row(q, kc, vc, tables, lens, scale, task, out):
     s = np.full(n, z)
     nblk = (n + BS - 1) // BS
     for i in range(nblk):
-        base = (tables[b, i] * BS * Hkv + hk) * D        # key 0 of the block, head hk
-        j0 = i * BS
-        cnt = min(n, j0 + BS) - j0
-        j = 0
-        while j + 4 <= cnt:
-            r = dot_1x4(q, qo, 0, kc, base + j * Hkv * D, Hkv * D, D)
-            for jj in range(4):
-                s[j0 + j + jj] = rnd(rnd(r[jj], q) * scale, q)
-            j += 4
-        while j < cnt:
-            s[j0 + j] = rnd(rnd(dot_1x1(q, qo, 0, kc, base + j * Hkv * D, 0, D)[0], q) * scale,
-                            q)
-            j += 1
-    m = s.max()
-    for j in range(n):
-        s[j] = vexp(s[j] - m)
-    tot = z
-    for j in range(n):
-        tot += s[j]
-    for j in range(n):
-        s[j] = rnd(s[j] / tot, q)                       # p, rounded as the spec
+        j0 = i * BS                                     # key 0 of the block, head hk:
+        _scores(q, qo, kc, (tables[b, i] * BS * Hkv + hk) * D, Hkv * D, min(n, j0 + BS) - j0,
+                scale, s, j0)
+    _softmax_rounded(s, n, q)                           # p, rounded as the spec
     o = np.full(D, z)
     for i in range(nblk):                               # o = sum_j p_j v_j, in key order
         j0 = i * BS

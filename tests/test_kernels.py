@@ -583,21 +583,15 @@ def test_attention_equals_the_spec_bit_for_bit_on_exact_inputs(mode, T, S, Hq, H
 def _paged_inputs(rng, dt, lens, bs, Hq=8, Hkv=2, D=64):
     """A paged cache (shuffled blocks, NaN in every unowned slot) holding contiguous
     per-sequence keys and values, and the block tables."""
-    need = [-(-n // bs) for n in lens]
-    nb = sum(need) + 2
-    order = rng.permutation(nb)
-    tables = np.full((len(lens), max(need)), -1, np.int32)
+    nb = sum(-(-n // bs) for n in lens) + 2
+    tables, slots = ops.allocate_blocks(lens, bs, rng.permutation(nb))
     kc = np.full((nb * bs, Hkv, D), np.nan, np.float32).astype(dt)
     vc = kc.copy()
-    keys, values, pos = [], [], 0
-    for b, n in enumerate(lens):
-        tables[b, :need[b]] = order[pos:pos + need[b]]
-        pos += need[b]
-        p = np.arange(n)
-        slots = tables[b, p // bs].astype(np.int64) * bs + p % bs
+    keys, values = [], []
+    for n, sl in zip(lens, slots):
         keys.append(randn(rng, (n, Hkv, D), dt))
         values.append(randn(rng, (n, Hkv, D), dt))
-        kc[slots], vc[slots] = keys[-1], values[-1]
+        kc[sl], vc[sl] = keys[-1], values[-1]
     shape = (nb, bs, Hkv, D)
     return (randn(rng, (len(lens), Hq, D), dt), kc.reshape(shape), vc.reshape(shape), tables,
             np.array(lens, np.int32), keys, values)

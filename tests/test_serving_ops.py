@@ -65,18 +65,10 @@ def test_attention_varlen_refuses_inconsistent_lengths():
 def _paged_setup(rng, dt, context_lens, block_size, Hkv=2, D=16, spare=3):
     """Contiguous per-sequence keys/values, written into a paged cache whose blocks are
     handed out in shuffled order; every slot no sequence owns holds NaN."""
-    need = [-(-int(n) // block_size) for n in context_lens]
-    num_blocks = sum(need) + spare
-    order = rng.permutation(num_blocks)
-    tables = np.full((len(context_lens), max(need)), -1, np.int32)
-    keys, values, slots, pos = [], [], [], 0
-    for b, n in enumerate(context_lens):
-        tables[b, :need[b]] = order[pos:pos + need[b]]
-        pos += need[b]
-        keys.append(randn(rng, (int(n), Hkv, D), dt))
-        values.append(randn(rng, (int(n), Hkv, D), dt))
-        p = np.arange(int(n))
-        slots.append(tables[b, p // block_size].astype(np.int64) * block_size + p % block_size)
+    num_blocks = sum(-(-int(n) // block_size) for n in context_lens) + spare
+    tables, slots = ops.allocate_blocks(context_lens, block_size, rng.permutation(num_blocks))
+    keys = [randn(rng, (int(n), Hkv, D), dt) for n in context_lens]
+    values = [randn(rng, (int(n), Hkv, D), dt) for n in context_lens]
     cache = np.full((num_blocks, block_size, Hkv, D), np.nan, np.float32).astype(dt)
     kc, vc = ops.reshape_and_cache(np.concatenate(keys), np.concatenate(values), cache,
                                    cache.copy(), np.concatenate(slots).astype(np.int32))

@@ -478,16 +478,9 @@ def _paged_layout(ctx: _Ctx, tag: str, lengths, spare: int = 2):
     Returns (num_blocks, block_tables int32 [B, max_blocks] padded with -1, slots per
     sequence)."""
     bs = ctx.block_size
-    need = [-(-int(n) // bs) for n in lengths]
-    num_blocks = sum(need) + spare
+    num_blocks = sum(-(-int(n) // bs) for n in lengths) + spare
     order = tensor_rng(ctx.seed, f"golden.{tag}.blocks").permutation(num_blocks - 1)
-    tables = np.full((len(lengths), max(need)), -1, np.int32)
-    slots, pos = [], 0
-    for b, n in enumerate(lengths):
-        tables[b, :need[b]] = order[pos:pos + need[b]]
-        pos += need[b]
-        p = np.arange(int(n))
-        slots.append(tables[b, p // bs].astype(np.int64) * bs + p % bs)
+    tables, slots = ops.allocate_blocks(lengths, bs, order)
     return num_blocks, tables, slots
 
 

@@ -12,7 +12,7 @@ from .moe import moe_block, moge_route, near_ties, routing_margins
 from .norm import rms_norm
 from .rope import apply_rope, apply_rope_interleaved, rope_tables, rotate_half
 from .sampling import sample
-from .serving import (add_rms_norm, attention_varlen, check_paged, cos_sin_cache,
+from .serving import (add_rms_norm, allocate_blocks, attention_varlen, check_paged, cos_sin_cache,
                       gather_paged, paged_attention, qkv_proj, reshape_and_cache, rope_cache,
                       swiglu_w13)
 

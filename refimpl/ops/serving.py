@@ -106,6 +106,28 @@ def reshape_and_cache(key: np.ndarray, value: np.ndarray, key_cache: np.ndarray,
     return k_out, v_out
 
 
+def allocate_blocks(lengths, block_size: int, order):
+    """Block tables and slot mappings for sequences of the given lengths, their blocks taken
+    from `order` (block ids) in turn, as a cache allocator hands them out.
+
+    # lengths [B] -> block_tables int32 [B, max_blocks] (-1 past a sequence's blocks),
+    # slots: per sequence int64 [length], slot = block_tables[b, p // bs] * bs + p % bs
+    """
+    lens = _lengths("lengths", lengths)
+    need = -(-lens // block_size)
+    order = np.asarray(order)
+    if int(need.sum()) > order.size:
+        raise InputError(f"{int(need.sum())} blocks needed, {order.size} given")
+    tables = np.full((lens.size, max(1, int(need.max(initial=0)))), -1, np.int32)
+    slots, pos = [], 0
+    for b, n in enumerate(lens):
+        tables[b, :need[b]] = order[pos:pos + need[b]]
+        pos += int(need[b])
+        p = np.arange(int(n))
+        slots.append(tables[b, p // block_size].astype(np.int64) * block_size + p % block_size)
+    return tables, slots
+
+
 def gather_paged(cache: np.ndarray, block_table, length: int) -> np.ndarray:
     """The first `length` positions of one sequence, read through its block table.
 
@@ -254,6 +276,7 @@ def swiglu_w13(x: np.ndarray, w13: np.ndarray, w_down: np.ndarray) -> np.ndarray
     return linear(silu_and_mul(g, u), w_down)
 
 
-__all__ = ["attention_varlen", "reshape_and_cache", "gather_paged", "check_paged",
+__all__ = ["attention_varlen", "reshape_and_cache", "allocate_blocks", "gather_paged",
+           "check_paged",
            "paged_attention",
            "add_rms_norm", "cos_sin_cache", "rope_cache", "qkv_proj", "swiglu_w13"]
