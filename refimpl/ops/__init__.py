@@ -5,7 +5,7 @@ in float64 (for float64 input) or float32 (otherwise) and returns the storage dt
 at the cast points listed in `refimpl.numerics`.
 """
 
-from .attention import attention, causal_mask
+from .attention import attention, attention_query_blocks, causal_mask
 from .basic import add, embedding, linear, silu, softmax
 from .mlp import silu_and_mul, swiglu
 from .moe import moe_block, moge_route, near_ties, routing_margins
@@ -16,6 +16,6 @@ from .serving import (add_rms_norm, allocate_blocks, attention_varlen, check_pag
                       gather_paged, paged_attention, qkv_proj, reshape_and_cache, rope_cache,
                       swiglu_w13)
 
-__all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
+__all__ = ["add", "attention", "attention_query_blocks", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
            "moe_block", "moge_route", "near_ties", "routing_margins", "rms_norm", "apply_rope",
            "apply_rope_interleaved", "rope_tables", "rotate_half", "sample"]
