@@ -221,6 +221,37 @@ def test_dense_preset_refuses_moe_operators_and_bad_options(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_context_sets_the_attention_sizes(tmp_path):
+    """--context S: the attention cases' T queries are the last T of S positions, decode sees
+    S, the longest varlen sequence and paged context are S; the command records it."""
+    cases = {c.name: c for c in operator_cases(
+        "tiny-dense", ["attention", "attention_varlen", "paged_attention", "rms_norm"], "fp32",
+        tokens=5, context=40, block_size=16)}
+    t = {name: {x.name: x.array for x in c.tensors} for name, c in cases.items()}
+    pre = t["tiny-dense-attention-prefill-fp32"]
+    assert pre["q"].shape[0] == 5 and pre["k"].shape[0] == 40
+    np.testing.assert_array_equal(pre["o"], ops.attention(pre["q"], pre["k"], pre["v"]))
+    top_left = ops.attention(pre["q"], pre["k"][:5], pre["v"][:5])   # queries at 0..4: wrong
+    assert np.max(np.abs(top_left - pre["o"])) > 0.1
+    assert t["tiny-dense-attention-decode-fp32"]["k"].shape[0] == 40
+    assert 40 in t["tiny-dense-attention-varlen-prefill-fp32"]["kv_lens"]
+    assert 40 in t["tiny-dense-paged-attention-fp32"]["context_lens"]
+    assert "--context 40" in cases["tiny-dense-attention-prefill-fp32"].command
+    assert "--context" not in cases["tiny-dense-rms-norm-fp32"].command
+    # at the preset's maximum the odd varlen length stays within it
+    q_lens, kv_lens = __import__("refimpl.golden.cases", fromlist=["x"]).varlen_lengths(
+        512, False, 512)
+    assert kv_lens.max() == 512 and kv_lens[2] % 2 == 1
+    assert_one_line_error(cli("golden", "--preset", "tiny-dense", "--ops", "attention",
+                              "--tokens", "8", "--context", "4", "--out", tmp_path),
+                          "--context", "[--tokens 8, 512]")
+    assert_one_line_error(cli("golden", "--preset", "tiny-dense", "--context", "513",
+                              "--out", tmp_path), "--context")
+    assert_one_line_error(cli("golden", "--model", "tiny-dense", "--token-ids", "1,2",
+                              "--context", "9", "--out", tmp_path), "--context", "--preset")
+    assert os.listdir(tmp_path) == []
+
+
 def test_export_npy_and_bin(tmp_path):
     result = cli("golden", "--preset", "tiny-moge", "--ops", "moge_route,rms_norm",
                  "--numerics", "bf16", "--tokens", "4", "--export", "npy,bin", "--out", tmp_path)

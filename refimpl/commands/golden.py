@@ -39,8 +39,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the inputs (--preset) and of a preset's random weights")
     p.add_argument("--tokens", type=int, default=16, metavar="T",
-                   help="with --preset: tokens per case (attention: prefill T=S, decode 1 "
-                        "query against S=T cached positions)")
+                   help="with --preset: tokens per case (attention: T queries, prefill when "
+                        "--context is T; decode 1 query)")
+    p.add_argument("--context", type=int, metavar="S",
+                   help="with --preset: positions the attention cases' queries see, up to "
+                        "the preset's max_position_embeddings (attention: the T queries are "
+                        "the last T of S, decode 1 query at S - 1; attention_varlen: the "
+                        "longest sequences; paged_attention: the longest context); default T")
     p.add_argument("--rope-angles", choices=("exact", "float32"),
                    help="with --preset: RoPE angle mode (default: the config's)")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
@@ -182,10 +187,14 @@ def main(args) -> int:
         ops = parse_ops(args.ops, config, args.preset)
         cases = operator_cases(args.preset, ops, args.numerics, seed=args.seed,
                                tokens=args.tokens, rope_angles=args.rope_angles, export=export,
-                               overrides=overrides, block_size=args.block_size)
+                               overrides=overrides, block_size=args.block_size,
+                               context=args.context)
     else:
         if args.set:
             raise InputError("--set goes with --preset, not --model")
+        if args.context is not None:
+            raise InputError("--context goes with --preset, not --model (the model case's "
+                             "context is its tokens)")
         cases = _model_mode(args, export)
     for case in cases:  # --model: made one at a time, each written before the next
         path = write_case(args.out, case, export)

@@ -137,10 +137,16 @@ class _Ctx:
     rope_override: bool
     overrides: dict
     block_size: int = DEFAULT_BLOCK_SIZE
+    context: int | None = None
 
     @property
     def dtype(self) -> np.dtype:
         return storage_dtype(self.mode)
+
+    @property
+    def keys(self) -> int:
+        """Positions a query attends to (`--context`; default `--tokens`)."""
+        return self.tokens if self.context is None else self.context
 
     def command(self, op: str) -> str:
         parts = ["python -m refimpl golden", f"--preset {self.preset}", f"--ops {op}",
@@ -149,6 +155,8 @@ class _Ctx:
             parts.append(f"--rope-angles {self.rope_angles}")
         if op in PAGED_OPERATORS:
             parts.append(f"--block-size {self.block_size}")
+        if op in CONTEXT_OPERATORS and self.context is not None:
+            parts.append(f"--context {self.context}")
         for name, value in self.overrides.items():
             text = json.dumps(list(value) if isinstance(value, tuple) else value)
             parts.append(f"--set {shlex.quote(f'{name}={text}')}")
@@ -277,10 +285,11 @@ def parse_ops(text: str | None, config: ModelConfig, name: str) -> list:
 @_deterministic
 def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens: int = 16,
                    rope_angles: str | None = None, export=(), overrides=None,
-                   block_size: int = DEFAULT_BLOCK_SIZE) -> list:
+                   block_size: int = DEFAULT_BLOCK_SIZE, context: int | None = None) -> list:
     """The cases of the named operators at the preset's shapes (see the module docstring);
     `overrides` change config fields (`golden --set FIELD=VALUE`); `block_size` is the paged
-    cache's (`--block-size`)."""
+    cache's (`--block-size`); `context` the positions the attention cases' queries see
+    (`--context`, default `tokens`)."""
     overrides = dict(overrides or {})
     config = preset(preset_name, **overrides)
     storage_dtype(mode)  # refuse an unknown mode first
@@ -292,10 +301,15 @@ def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens
                          f"{', '.join(ROPE_ANGLE_MODES)}")
     if not isinstance(block_size, int) or block_size < 1:
         raise InputError(f"--block-size must be a positive integer, got {block_size}")
+    if context is not None and (not isinstance(context, int) or
+                                not tokens <= context <= config.max_position_embeddings):
+        raise InputError(f"--context must be in [--tokens {tokens}, "
+                         f"{config.max_position_embeddings}] (the queries are the last "
+                         f"--tokens of --context positions), got {context}")
     ops_list = parse_ops(",".join(operators), config, preset_name)
     ctx = _Ctx(config, preset_name, mode, int(seed), tokens, tuple(export),
                rope_angles or config.rope_angles, rope_angles is not None, overrides,
-               block_size)
+               block_size, context)
     builders = {"rms_norm": _rms_norm_cases, "rope": _rope_cases,
                 "attention": _attention_cases, "swiglu": _swiglu_cases,
                 "moge_route": _moge_route_cases, "moe": _moe_cases,
@@ -393,12 +407,17 @@ def _attention_inputs(ctx: _Ctx, tag: str, T: int, S: int):
 
 
 def _attention_cases(ctx: _Ctx) -> list:
-    c, S = ctx.config, ctx.tokens
+    c, S = ctx.config, ctx.keys
     D, Hq, Hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
     cases = []
-    for variant, T in (("prefill", S), ("decode", 1)):
-        what = (f"prefill: {T} queries over their own {S} keys, causal" if variant == "prefill"
-                else f"decode: 1 query (position {S - 1}) against a cache of {S} positions")
+    for variant, T in (("prefill", ctx.tokens), ("decode", 1)):
+        if variant == "decode":
+            what = f"decode: 1 query (position {S - 1}) against a cache of {S} positions"
+        elif T == S:
+            what = f"prefill: {T} queries over their own {S} keys, causal"
+        else:
+            what = (f"chunked prefill: {T} queries at positions {S - T} .. {S - 1} over {S} "
+                    "keys, causal")
         case = ctx.case("attention", variant,
                         f"scaled dot-product attention with GQA, {what}",
                         {"num_heads": Hq, "num_kv_heads": Hkv, "head_dim": D,
@@ -425,24 +444,29 @@ def _attention_cases(ctx: _Ctx) -> list:
 
 
 PAGED_OPERATORS = ("paged_attention", "reshape_and_cache")
+#: operators whose sizes `--context` sets (positions attended to; default `--tokens`)
+CONTEXT_OPERATORS = ("attention", "attention_varlen", "paged_attention")
 _WHY_COPY = "a copy: every slot is bit-equal to what was written or what was there"
 
 
-def varlen_lengths(T: int, chunked: bool):
+def varlen_lengths(T: int, chunked: bool, max_positions: int | None = None):
     """(q_lens, kv_lens) int32 of the attention_varlen cases: 4 sequences of 1, T, an odd
-    length near T and 3 positions; chunked: 1, T // 3 (at least 1), 1 and 2 new queries."""
+    length near T (above it, or below where that would pass max_positions) and 3 positions;
+    chunked: 1, T // 3 (at least 1), 1 and 2 new queries."""
     odd = T + 1 if T % 2 == 0 else T + 2
+    if max_positions is not None and odd > max_positions:
+        odd = max(1, T - 1 if T % 2 == 0 else T - 2)
     kv_lens = np.array([1, T, odd, 3], np.int32)
     q_lens = np.array([1, max(1, T // 3), 1, 2], np.int32) if chunked else kv_lens.copy()
     return q_lens, kv_lens
 
 
 def _attention_varlen_cases(ctx: _Ctx) -> list:
-    c, T = ctx.config, ctx.tokens
+    c = ctx.config
     D, Hq, Hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
     cases = []
     for variant, chunked in (("prefill", False), ("chunked", True)):
-        q_lens, kv_lens = varlen_lengths(T, chunked)
+        q_lens, kv_lens = varlen_lengths(ctx.keys, chunked, c.max_position_embeddings)
         case = ctx.case(
             "attention_varlen", variant,
             f"attention over {len(q_lens)} sequences packed along the token axis ("
@@ -492,9 +516,9 @@ def paged_context_lens(T: int, block_size: int, max_positions: int) -> np.ndarra
 
 
 def _paged_attention_cases(ctx: _Ctx) -> list:
-    c, T, bs, dt = ctx.config, ctx.tokens, ctx.block_size, ctx.dtype
+    c, bs, dt = ctx.config, ctx.block_size, ctx.dtype
     D, Hq, Hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-    lens = paged_context_lens(T, bs, c.max_position_embeddings)
+    lens = paged_context_lens(ctx.keys, bs, c.max_position_embeddings)
     num_blocks, tables, slots = _paged_layout(ctx, "paged_attention", lens)
     case = ctx.case(
         "paged_attention", "",
