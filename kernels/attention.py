@@ -137,26 +137,40 @@ def _query_block(T, Hq, Hkv, S, bq, task):
 
 @numba.njit(cache=True)
 def _block_task(q, kT, v, scale, causal, bq, task, out):
-    """Head h = task // nqb, queries t0 .. t0+nq-1: all their scores (q . k summed over d in
-    order with fma, lanes along keys), then per row the spec's roundings: s = round(round(
-    q . k) * scale), p = round(exp(s - max) / sum), o = round(sum_j p_j v_j) in key order."""
+    """Head h = task // nqb, queries t0 .. t0+nq-1 of the one sequence of q, k, v."""
+    h, hk, t0, nq, offset = _query_block(q.shape[0], q.shape[1], kT.shape[0], v.shape[0], bq,
+                                         task)
+    _block_rows(q, 0, q.shape[0], kT, 0, v, 0, v.shape[0], scale, causal, h, t0, nq, out)
+
+
+@numba.njit(cache=True)
+def _block_rows(q, q0, T, kT, kb0, v, v0, S, scale, causal, h, t0, nq, out):
+    """Queries t0 .. t0+nq-1 of head h of a sequence whose T queries are rows q0.. of q and
+    whose S keys are kT blocks kb0.. and rows v0.. of v (the queries are the last T of the S
+    positions): all their scores (q . k summed over d in order with fma, lanes along keys),
+    then per row the spec's roundings: s = round(round(q . k) * scale),
+    p = round(exp(s - max) / sum), o = round(sum_j p_j v_j) in key order.
+
+    # q [*, Hq, D], kT [Hkv, blocks, D, bk], v [*, Hkv, D] -> out rows q0 + t0 ..
+    """
     D = q.shape[2]
-    Hkv, nkb, bk = kT.shape[0], kT.shape[1], kT.shape[3]
-    h, hk, t0, nq, offset = _query_block(q.shape[0], q.shape[1], Hkv, v.shape[0], bq, task)
+    Hq, Hkv, nkb, bk = q.shape[1], kT.shape[0], kT.shape[1], kT.shape[3]
+    hk = h // (Hq // Hkv)
+    offset = S - T
     z = acc_zero(q)
-    kend = min(v.shape[0], offset + t0 + nq) if causal else v.shape[0]
+    kend = min(S, offset + t0 + nq) if causal else S
     s = np.full((nq, kend), z)
     qa = np.empty((nq, D), s.dtype)
     for i in range(nq):
         for d in range(D):
-            qa[i, d] = ld(q, (t0 + i, h, d))
+            qa[i, d] = ld(q, (q0 + t0 + i, h, d))
     for j0 in range(0, kend, bk):
         nk = min(kend, j0 + bk) - j0
         for i in range(nq):
             lim = min(nk, offset + t0 + i + 1 - j0) if causal else nk
             if lim > 0:
-                axpy_rows(s, i * kend + j0, qa, i * D, kT, (hk * nkb + j0 // bk) * D * bk, bk,
-                          D, lim)                                         # q . k
+                axpy_rows(s, i * kend + j0, qa, i * D, kT,
+                          (hk * nkb + kb0 + j0 // bk) * D * bk, bk, D, lim)   # q . k
     o = np.empty(D, s.dtype)
     for i in range(nq):
         n = min(kend, offset + t0 + i + 1) if causal else kend
@@ -165,9 +179,34 @@ def _block_task(q, kT, v, scale, causal, bq, task, out):
         _softmax_rounded(s[i], n, q)                                    # p, rounded as the spec
         for d in range(D):
             o[d] = z
-        axpy_rows(o, 0, s, i * kend, v, hk * D, Hkv * D, n, D)          # o = sum_j p_j v_j
+        axpy_rows(o, 0, s, i * kend, v, (v0 * Hkv + hk) * D, Hkv * D, n, D)  # o = sum p_j v_j
         for d in range(D):
-            st(out, (t0 + i, h, d), o[d])
+            st(out, (q0 + t0 + i, h, d), o[d])
+
+
+@numba.njit(parallel=True, cache=True)
+def _varlen(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, par, out):
+    """Packed sequences, one task per (sequence, head, block of bq queries).
+
+    # q [sum q_lens, Hq, D], kT [Hkv, blocks, D, bk] (each sequence's keys from its own
+    # block kbs[b]), v [sum kv_lens, Hkv, D], qs/ks: cumulative lengths [B + 1],
+    # tasks [n, 3] (b, h, t0) -> out [sum q_lens, Hq, D]
+    """
+    n = tasks.shape[0]
+    if par:
+        for i in prange(n):
+            _varlen_task(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, i, out)
+    else:
+        for i in range(n):
+            _varlen_task(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, i, out)
+
+
+@numba.njit(cache=True)
+def _varlen_task(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, i, out):
+    b, h, t0 = tasks[i, 0], tasks[i, 1], tasks[i, 2]
+    T = qs[b + 1] - qs[b]
+    _block_rows(q, qs[b], T, kT, kbs[b], v, ks[b], ks[b + 1] - ks[b], scale, causal, h, t0,
+                min(T, t0 + bq) - t0, out)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -186,30 +225,51 @@ def _flash(q, kT, v, scale, causal, bq, bk, par, out):
 
 
 @numba.njit(parallel=True, cache=True)
-def _transpose_keys(k, par, kT):
-    """kT[h, b, d, j] = k[b*bk + j, h, d] widened to the accumulation dtype: each block of bk
-    keys transposed and contiguous.  # [S, Hkv, D] -> [Hkv, S/bk, D, bk] (zero padded)"""
-    S, Hkv, D = k.shape
-    nkb, bk = kT.shape[1], kT.shape[3]
+def _transpose_keys(k, ks, blk_seq, blk_first, par, kT):
+    """kT[h, g, d, j] = key blk_first... of block g widened to the accumulation dtype: block g
+    holds keys (g - blk_first[b]) * bk .. + bk - 1 of sequence b = blk_seq[g], whose keys are
+    rows ks[b] .. ks[b + 1] - 1 of k, transposed and contiguous (zero past the sequence).
+
+    # k [sum S, Hkv, D] -> kT [Hkv, blocks, D, bk]
+    """
+    Hkv, nkb = kT.shape[0], kT.shape[1]
     if par:
-        for hb in prange(Hkv * nkb):
-            _transpose_block(k, hb // nkb, hb - (hb // nkb) * nkb, kT)
+        for hg in prange(Hkv * nkb):
+            _transpose_block(k, ks, blk_seq, blk_first, hg // nkb, hg - (hg // nkb) * nkb, kT)
     else:
-        for hb in range(Hkv * nkb):
-            _transpose_block(k, hb // nkb, hb - (hb // nkb) * nkb, kT)
+        for hg in range(Hkv * nkb):
+            _transpose_block(k, ks, blk_seq, blk_first, hg // nkb, hg - (hg // nkb) * nkb, kT)
 
 
 @numba.njit(cache=True)
-def _transpose_block(k, h, b, kT):
-    S, D, bk = k.shape[0], k.shape[2], kT.shape[3]
+def _transpose_block(k, ks, blk_seq, blk_first, h, g, kT):
+    D, bk = k.shape[2], kT.shape[3]
+    b = blk_seq[g]
+    j0 = (g - blk_first[b]) * bk                        # key of the sequence at lane 0
+    S = ks[b + 1] - ks[b]
     for j in range(bk):
-        t = b * bk + j
+        t = j0 + j
         if t < S:
             for d in range(D):
-                kT[h, b, d, j] = ld(k, (t, h, d))
+                kT[h, g, d, j] = ld(k, (ks[b] + t, h, d))
         else:
             for d in range(D):
-                kT[h, b, d, j] = 0
+                kT[h, g, d, j] = 0
+
+
+def _transposed_keys(k: np.ndarray, kv_lens: np.ndarray, acc) -> tuple:
+    """The keys of packed sequences in transposed blocks of BLOCK_K, each sequence starting a
+    block of its own: (kT [Hkv, blocks, D, BLOCK_K], first block of each sequence [B]).
+    # k [sum kv_lens, Hkv, D]"""
+    S, Hkv, D = k.shape
+    nblk = -(-kv_lens // BLOCK_K)                       # [B]
+    first = np.concatenate([[0], np.cumsum(nblk)[:-1]]).astype(np.int64)
+    blk_seq = np.repeat(np.arange(kv_lens.size), nblk).astype(np.int64)
+    ks = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int64)
+    kT = np.empty((Hkv, max(1, int(nblk.sum())), D, BLOCK_K), acc)
+    if nblk.sum():
+        _transpose_keys(raw(k), ks, blk_seq, first, parallel(k.size), kT)
+    return kT, first
 
 
 @numba.njit(cache=True)
@@ -368,10 +428,46 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True,
     if flash is False or (flash is None and T == 1):
         _attn_rows(qr, kr, vr, sc, bool(causal), par, out_raw)
         return out
-    kT = np.empty((Hkv, -(-S // BLOCK_K), D, BLOCK_K), acc)   # keys transposed, widened
-    _transpose_keys(kr, parallel(k.size), kT)
+    kT, _ = _transposed_keys(k, np.array([S], np.int64), acc)  # keys transposed, widened
     if flash:
         _flash(qr, kT, vr, sc, bool(causal), BLOCK_Q, BLOCK_K, par, out_raw)
     else:
         _blocks(qr, kT, vr, sc, bool(causal), BLOCK_Q, par, out_raw)
+    return out
+
+
+def attention_varlen(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_lens, kv_lens,
+                     causal: bool = True, scale: float | None = None) -> np.ndarray:
+    """Attention over packed sequences, as `refimpl.ops.attention_varlen`.
+
+    # q [sum q_lens, Hq, D], k/v [sum kv_lens, Hkv, D], q_lens/kv_lens [B] -> [sum q_lens, Hq, D]
+    One parallel loop over every (sequence, head, block of BLOCK_Q queries) of the batch,
+    each the blocked prefill kernel's task on its sequence (no attention across sequences):
+    every sequence's rows equal `attention` on that sequence alone bit for bit (its blocked
+    kernel; a one-query sequence too, where `attention` would take the decode kernel).
+    """
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    check_dtype(q, "attention_varlen")
+    ql, kl = spec.check_varlen(q, k, v, q_lens, kv_lens, causal)
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.shape[2] != q.shape[2] or \
+            q.shape[1] % k.shape[1]:
+        return spec.attention_varlen(q, k, v, q_lens, kv_lens, causal, scale)
+    acc = acc_np(q.dtype)
+    D = q.shape[2]
+    sc = acc.type(D ** -0.5 if scale is None else scale)
+    out, out_raw = empty(q.shape, q.dtype)
+    if q.shape[0] == 0:
+        return out
+    Hq = q.shape[1]
+    nqb = -(-ql // BLOCK_Q)                                               # [B]
+    seq = np.repeat(np.arange(ql.size), nqb * Hq)                         # task -> sequence
+    within = np.arange(seq.size) - np.repeat(np.cumsum(nqb * Hq) - nqb * Hq, nqb * Hq)
+    tasks = np.stack([seq, within // np.repeat(nqb, nqb * Hq),
+                      within % np.repeat(nqb, nqb * Hq) * BLOCK_Q], axis=1).astype(np.int64)
+    kT, first = _transposed_keys(k, kl, acc)
+    qs = np.concatenate([[0], np.cumsum(ql)]).astype(np.int64)
+    ks = np.concatenate([[0], np.cumsum(kl)]).astype(np.int64)
+    work = int(np.sum(ql * kl)) * Hq * D // (2 if causal else 1)
+    _varlen(raw(q), kT, raw(v), qs, ks, first, tasks, sc, bool(causal), BLOCK_Q, parallel(work),
+            out_raw)
     return out

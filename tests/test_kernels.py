@@ -427,7 +427,10 @@ _THREAD_SCRIPT = textwrap.dedent("""
         cos, sin = refimpl.ops.rope_tables(np.arange(37), 16, 1e4)
         outs = [K.linear(x, w, b), K.linear(x[:1], w), K.rms_norm(x, w[0], 1e-5),
                 K.apply_rope(q, cos, sin), K.attention(q, k, v), K.attention(q[:1], k, v),
-                K.add(x, x), K.swiglu(x, w, w, r(40, 45)), K.moge_route(r(37, 16), r(16), 4)[1]]
+                K.add(x, x), K.swiglu(x, w, w, r(40, 45)), K.moge_route(r(37, 16), r(16), 4)[1],
+                K.attention_varlen(q[:12], k, v, np.array([1, 9, 2]), np.array([5, 30, 2])),
+                K.paged_attention(q[:2], k[:32].reshape(4, 8, 2, 16), v[:32].reshape(4, 8, 2, 16),
+                                  np.array([[3, 1], [0, 2]], np.int32), np.array([9, 16]))]
         experts = [(r(8, 40), r(8, 40), r(40, 8)) for _ in range(16)]
         outs.append(K.moe_block(x, r(16, 40), np.abs(r(1, 16)), experts,
                                 (r(8, 40), r(8, 40), r(40, 8)), 4))
@@ -612,6 +615,65 @@ def test_paged_attention_kernel_equals_the_decode_kernel_bit_for_bit(mode, bs):
         want = K.attention(q[b:b + 1], keys[b], values[b], causal=True)
         np.testing.assert_array_equal(bits(got[b:b + 1]), bits(want))
     check(got, ops.paged_attention(q, kc, vc, tables, lens), "reduce", mode)
+
+
+# ---------------------------------------------------------------------- packed sequences
+def _varlen_inputs(rng, dt, q_lens, kv_lens, Hq=8, Hkv=2, D=64):
+    q_lens, kv_lens = np.array(q_lens, np.int32), np.array(kv_lens, np.int32)
+    return (randn(rng, (int(q_lens.sum()), Hq, D), dt), randn(rng, (int(kv_lens.sum()), Hkv, D), dt),
+            randn(rng, (int(kv_lens.sum()), Hkv, D), dt), q_lens, kv_lens)
+
+
+def _per_sequence(fn, q, k, v, q_lens, kv_lens):
+    qs, ks = np.cumsum(np.r_[0, q_lens]), np.cumsum(np.r_[0, kv_lens])
+    return [fn(q[qs[b]:qs[b + 1]], k[ks[b]:ks[b + 1]], v[ks[b]:ks[b + 1]])
+            for b in range(len(q_lens))]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_attention_varlen_kernel_is_the_blocked_kernel_per_sequence(mode, chunked):
+    """One parallel loop over the whole batch: each sequence of more than one query is
+    bit-equal to the blocked prefill kernel on that sequence alone (which equals the spec
+    bit for bit on exact inputs, above); every sequence (one-query ones included) is within
+    the prefill tolerance of the spec. Lengths 1, 127, 128, 129, an odd 301 and 4097; a
+    sequence with no new queries."""
+    rng = np.random.default_rng(5)
+    dt = storage_dtype(mode)
+    kv_lens = [1, 127, 128, 129, 301, 4097, 6]
+    q_lens = [1, 40, 1, 129, 7, 33, 0] if chunked else kv_lens
+    q, k, v, ql, kl = _varlen_inputs(rng, dt, q_lens, kv_lens)
+    got = K.attention_varlen(q, k, v, ql, kl)
+    check(got, ops.attention_varlen(q, k, v, ql, kl), "reduce", mode)
+    qs = np.cumsum(np.r_[0, ql])
+    for b, want in enumerate(_per_sequence(lambda *a: K.attention(*a, causal=True),
+                                           q, k, v, ql, kl)):
+        if ql[b] > 1:
+            np.testing.assert_array_equal(bits(got[qs[b]:qs[b + 1]]), bits(want))
+
+
+def test_attention_varlen_kernel_non_causal_and_refusals():
+    rng = np.random.default_rng(6)
+    q, k, v, ql, kl = _varlen_inputs(rng, np.float32, [3, 50], [9, 40])
+    check(K.attention_varlen(q, k, v, ql, kl, causal=False, scale=0.2),
+          ops.attention_varlen(q, k, v, ql, kl, causal=False, scale=0.2), "reduce", "fp32")
+    with pytest.raises(InputError, match="sequence 1: 50 queries but 40 keys"):
+        K.attention_varlen(q, k, v, ql, kl)
+    with pytest.raises(InputError, match="q_lens sum to 52"):
+        K.attention_varlen(q, k, v, np.array([3, 49]), kl, causal=False)
+
+
+@pytest.mark.slow
+def test_attention_varlen_kernel_at_32768_positions():
+    """A chunk of 100 queries at the end of a 32768-position sequence beside short ones, at
+    the embedded-1b attention shape: bit-equal to the blocked kernel alone, within the
+    tolerance of the spec."""
+    rng = np.random.default_rng(8)
+    q, k, v, ql, kl = _varlen_inputs(rng, bfloat16, [100, 1, 5], [32768, 3, 5], 12, 6, 128)
+    got = K.attention_varlen(q, k, v, ql, kl)
+    np.testing.assert_array_equal(bits(got[:100]), bits(K.attention(q[:100], k[:32768],
+                                                                    v[:32768])))
+    check(got, ops.attention_varlen(q, k, v, ql, kl), "reduce", "bf16")
 
 
 def test_paged_attention_kernel_refuses_what_the_spec_refuses():

@@ -12,10 +12,11 @@ from .moe import moe_block, moge_route, near_ties, routing_margins
 from .norm import rms_norm
 from .rope import apply_rope, apply_rope_interleaved, rope_tables, rotate_half
 from .sampling import sample
-from .serving import (add_rms_norm, allocate_blocks, attention_varlen, check_paged, cos_sin_cache,
-                      gather_paged, paged_attention, qkv_proj, reshape_and_cache, rope_cache,
+from .serving import (add_rms_norm, allocate_blocks, attention_varlen, check_paged,
+                      check_varlen, cos_sin_cache, gather_paged, paged_attention, qkv_proj, reshape_and_cache, rope_cache,
                       swiglu_w13)
 
-__all__ = ["add", "attention", "attention_query_blocks", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
+__all__ = ["add", "attention", "attention_query_blocks", "causal_mask", "embedding", "linear",
+           "silu", "softmax", "swiglu",
            "moe_block", "moge_route", "near_ties", "routing_margins", "rms_norm", "apply_rope",
            "apply_rope_interleaved", "rope_tables", "rotate_half", "sample"]

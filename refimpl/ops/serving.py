@@ -32,6 +32,25 @@ def _lengths(name: str, lens, total: int | None = None) -> np.ndarray:
     return a
 
 
+def check_varlen(q, k, v, q_lens, kv_lens, causal: bool = True):
+    """The inputs of a packed attention, checked as a kernel receives them: q [sum q_lens, Hq,
+    D], k and v of one shape [sum kv_lens, Hkv, D], as many q_lens as kv_lens, and (causal)
+    q_lens[b] <= kv_lens[b]. Returns (q_lens, kv_lens) int64; InputError otherwise."""
+    if q.ndim != 3 or k.ndim != 3:
+        raise InputError(f"q and k must be [tokens, heads, D], got {list(q.shape)} and "
+                         f"{list(k.shape)}")
+    ql = _lengths("q_lens", q_lens, q.shape[0])
+    kl = _lengths("kv_lens", kv_lens, k.shape[0])
+    if kl.size != ql.size:
+        raise InputError(f"q_lens has {ql.size} sequences but kv_lens has {kl.size}")
+    if k.shape != v.shape:
+        raise InputError(f"k {list(k.shape)} and v {list(v.shape)} differ")
+    if causal and (ql > kl).any():
+        b = int(np.argmax(ql > kl))
+        raise InputError(f"sequence {b}: {int(ql[b])} queries but {int(kl[b])} keys")
+    return ql, kl
+
+
 def attention_varlen(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_lens, kv_lens,
                      causal: bool = True, scale: float | None = None) -> np.ndarray:
     """Attention over a batch of sequences packed along the token axis.
@@ -43,19 +62,10 @@ def attention_varlen(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_lens, kv_len
     prefill; q_lens < kv_lens: chunked prefill or a prefix cache). No attention across
     sequences. Each sequence is `refimpl.ops.attention`, so the cast points are its own.
     """
-    ql = _lengths("q_lens", q_lens, q.shape[0])
-    kl = _lengths("kv_lens", kv_lens, k.shape[0])
-    B = ql.size
-    if kl.size != B:
-        raise InputError(f"q_lens has {B} sequences but kv_lens has {kl.size}")
-    if k.shape != v.shape:
-        raise InputError(f"k {list(k.shape)} and v {list(v.shape)} differ")
-    if causal and (ql > kl).any():
-        b = int(np.argmax(ql > kl))
-        raise InputError(f"sequence {b}: {int(ql[b])} queries but {int(kl[b])} keys")
+    ql, kl = check_varlen(q, k, v, q_lens, kv_lens, causal)
     out = np.empty(q.shape, q.dtype)
     qs, ks = np.concatenate([[0], np.cumsum(ql)]), np.concatenate([[0], np.cumsum(kl)])
-    for b in range(B):
+    for b in range(ql.size):
         if ql[b]:
             out[qs[b]:qs[b + 1]] = attention(q[qs[b]:qs[b + 1]], k[ks[b]:ks[b + 1]],
                                              v[ks[b]:ks[b + 1]], causal=causal, scale=scale)
@@ -276,7 +286,7 @@ def swiglu_w13(x: np.ndarray, w13: np.ndarray, w_down: np.ndarray) -> np.ndarray
     return linear(silu_and_mul(g, u), w_down)
 
 
-__all__ = ["attention_varlen", "reshape_and_cache", "allocate_blocks", "gather_paged",
+__all__ = ["check_varlen", "attention_varlen", "reshape_and_cache", "allocate_blocks", "gather_paged",
            "check_paged",
            "paged_attention",
            "add_rms_norm", "cos_sin_cache", "rope_cache", "qkv_proj", "swiglu_w13"]
