@@ -4,11 +4,11 @@
     y = K.linear(x, w, b)            # x, w in float64/float32/bfloat16/float16
 
 Accelerated: linear, rms_norm, apply_rope, attention, add, swiglu, moge_route, moe_block,
-paged_attention, attention_varlen.
+paged_attention, attention_varlen, add_rms_norm.
 Re-exported from the spec unchanged: embedding (a gather), softmax, silu, silu_and_mul,
 rope_tables, rotate_half, apply_rope_interleaved, causal_mask, sample, near_ties,
 routing_margins, and (no fast path yet) the serving-boundary operators
-reshape_and_cache, gather_paged, add_rms_norm, cos_sin_cache, rope_cache, qkv_proj,
+reshape_and_cache, gather_paged, cos_sin_cache, rope_cache, qkv_proj,
 swiglu_w13. `paged_attention` has its kernel (decode through the block table, in place),
 `attention_varlen` its (one parallel loop over every sequence's head and query blocks).
 
@@ -45,7 +45,7 @@ from ._cache import use_source_keyed_cache
 
 use_source_keyed_cache()  # before any kernel module is compiled or loaded from a cache
 
-from refimpl.ops import (add_rms_norm, apply_rope_interleaved, causal_mask,
+from refimpl.ops import (apply_rope_interleaved, causal_mask,
                          cos_sin_cache, embedding, gather_paged, near_ties, qkv_proj,
                          reshape_and_cache, rope_cache, rope_tables, rotate_half,
                          routing_margins, sample, silu, silu_and_mul, softmax, swiglu_w13)
@@ -56,7 +56,7 @@ from .basic import add
 from .linear import linear
 from .mlp import swiglu
 from .moe import moe_block, moge_route
-from .norm import rms_norm
+from .norm import add_rms_norm, rms_norm
 from .rope import apply_rope
 
 __all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",

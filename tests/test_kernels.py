@@ -251,6 +251,34 @@ def test_rms_norm_rounds_before_the_weight():
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(1, 1536), (37, 45), (2, 5, 64), (300, 128)])
+def test_add_rms_norm_matches_spec(mode, shape):
+    """x_sum is elementwise: bit-equal to the spec's. y within the rms_norm tolerance and
+    rstd within 4 ulps of the accumulation dtype (the sum of squares in another order)."""
+    rng = np.random.default_rng(shape[-1])
+    dt = MODES[mode]
+    x, res = randn(rng, shape, dt, 3.0), randn(rng, shape, dt, 3.0)
+    w = (1 + randn(rng, shape[-1], np.float32, 0.1)).astype(dt)
+    y, x_sum, rstd = K.add_rms_norm(x, res, w, 1e-5)
+    y_s, x_sum_s, rstd_s = ops.add_rms_norm(x, res, w, 1e-5)
+    np.testing.assert_array_equal(bits(x_sum), bits(x_sum_s))
+    check(y, y_s, "reduce", mode)
+    assert rstd.dtype == rstd_s.dtype and rstd.shape == shape[:-1] + (1,)
+    assert np.all(np.abs(rstd - rstd_s) <= 4 * np.spacing(rstd_s)), mode
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_add_rms_norm_equals_the_spec_bit_for_bit_on_exact_inputs(mode):
+    """Small multiples of a power of two: x + residual and the sum of squares are exact in
+    any order, so all three outputs equal the spec's bits, in every mode."""
+    dt = storage_dtype(mode)
+    x, res = _exact((33, 96), -8, 9, 2, dt, 1), _exact((33, 96), -8, 9, 3, dt, 2)
+    w = _exact((96,), 1, 9, 3, dt, 3)
+    for got, want in zip(K.add_rms_norm(x, res, w, 1e-6), ops.add_rms_norm(x, res, w, 1e-6)):
+        np.testing.assert_array_equal(bits(got), bits(want))
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("T, heads, D", [(1, 12, 128), (7, 3, 10), (300, 2, 8)])
 def test_apply_rope_is_bit_exact(mode, T, heads, D):
     rng = np.random.default_rng(T)
@@ -429,6 +457,7 @@ _THREAD_SCRIPT = textwrap.dedent("""
                 K.apply_rope(q, cos, sin), K.attention(q, k, v), K.attention(q[:1], k, v),
                 K.add(x, x), K.swiglu(x, w, w, r(40, 45)), K.moge_route(r(37, 16), r(16), 4)[1],
                 K.attention_varlen(q[:12], k, v, np.array([1, 9, 2]), np.array([5, 30, 2])),
+                *K.add_rms_norm(x, x[::-1], w[0], 1e-5),
                 K.paged_attention(q[:2], k[:32].reshape(4, 8, 2, 16), v[:32].reshape(4, 8, 2, 16),
                                   np.array([[3, 1], [0, 2]], np.int32), np.array([9, 16]))]
         experts = [(r(8, 40), r(8, 40), r(40, 8)) for _ in range(16)]
