@@ -13,9 +13,9 @@ import pytest
 
 from refimpl import ops
 from refimpl.golden.compare import Options, compare_paths, judge_ascend, judge_double_thousandth, \
-    judge_k_error, metrics, ulp_distance
+    judge_k_error, judge_ulp, metrics, ulp_distance
 from refimpl.config import preset
-from refimpl.golden.format import TENSORS_NAME, load_case, write_tensors_file
+from refimpl.golden.format import TENSORS_NAME, find_cases, load_case, write_tensors_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "golden")
@@ -378,7 +378,9 @@ def test_a_directory_of_cases_against_case_layout_candidates(tmp_path):
     shutil.copytree(os.path.join(GOLDEN, "tiny-dense"), cand)
     result = cli(os.path.join(GOLDEN, "tiny-dense"), cand)
     assert result.returncode == 0, result.stdout[-2000:]
-    assert _last_line(result).startswith("verdict: PASS (") and "in 42 cases" in _last_line(result)
+    n = len(find_cases(os.path.join(GOLDEN, "tiny-dense")))
+    assert n >= 42
+    assert _last_line(result).startswith("verdict: PASS (") and f"in {n} cases" in _last_line(result)
     bad = cand / "tiny-dense-rope-fp16"
     t = load_case(str(bad)).tensors
     t["q_rope"] = ops.apply_rope_interleaved(t["q"], t["cos"], t["sin"])
@@ -532,3 +534,40 @@ def test_a_malformed_manifest_makes_that_case_unusable_and_the_others_are_judged
     text = bad.get("reason") or " ".join(o["reason"] for o in bad["outputs"]
                                          if o["verdict"] == "unusable")
     assert fragment in text and "\n" not in text, (label, text)
+
+
+def test_ulp_criterion_counts_moved_elements_and_bounds_the_distance():
+    g = np.arange(1, 2001, dtype=np.float32).astype(BF16)
+    bits = g.view(np.uint16)
+    one = bits.copy()
+    one[7] += 1                                          # one element 1 ulp away
+    ok, why, d = judge_ulp(one.view(BF16), g, 2, 1e-3)   # 2000 elements: 2 may differ
+    assert ok and d["differ"] == 1 and d["allowed_to_differ"] == 2, why
+    three = one.copy()
+    three[[100, 200]] += 1                               # 3 differ > 2 allowed
+    ok, why, _ = judge_ulp(three.view(BF16), g, 2, 1e-3)
+    assert not ok and "3 of 2000" in why
+    far = bits.copy()
+    far[5] += 3                                          # one element 3 ulps away
+    ok, why, d = judge_ulp(far.view(BF16), g, 2, 1e-3)
+    assert not ok and d["over_max_ulp"] == 1
+    ok, _, _ = judge_ulp(g, g, 0, 0.0)
+    assert ok
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("max_ulp", -1, "max_ulp"), ("max_ulp", 1.5, "max_ulp"), ("max_fraction", 2, "max_fraction"),
+    ("max_fraction", "x", "max_fraction")])
+def test_malformed_ulp_criterion_is_unusable(tmp_path, field, value, fragment):
+    src = os.path.join(GOLDEN, "tiny-dense", "tiny-dense-add-rms-norm-bf16")
+    case = tmp_path / "case"
+    shutil.copytree(src, case)
+    manifest = json.loads((case / "manifest.json").read_text())
+    for e in manifest["tensors"]:
+        if e["name"] == "y":
+            assert e["criterion"]["name"] == "ulp"
+            e["criterion"][field] = value
+    (case / "manifest.json").write_text(json.dumps(manifest))
+    report = compare_paths(str(case), src)
+    y = [o for c in report["cases"] for o in c["outputs"] if o["name"] == "y"][0]
+    assert y["verdict"] == "unusable" and fragment in y["reason"], y

@@ -70,7 +70,8 @@ def test_operator_cases_have_the_preset_shapes(moge_bf16):
     assert names == sorted(f"tiny-moge-{n}-bf16" for n in (
         "rms-norm", "rope", "rope-long", "attention-prefill", "attention-decode", "swiglu",
         "moge-route", "moe", "attention-varlen-prefill", "attention-varlen-chunked",
-        "paged-attention", "reshape-and-cache"))
+        "paged-attention", "reshape-and-cache", "add-rms-norm", "rope-cache-f32-table",
+        "rope-cache-storage-table", "qkv-proj", "swiglu-w13"))
     t = {n: case.tensors for n, case in moge_bf16.items()}
     assert t["tiny-moge-rms-norm-bf16"]["x"].shape == (8, H)
     assert t["tiny-moge-rope-bf16"]["q"].shape == (8, Hq, D)
@@ -84,6 +85,12 @@ def test_operator_cases_have_the_preset_shapes(moge_bf16):
     assert t["tiny-moge-moe-bf16"]["experts.down_proj.weight"].shape == (E, H, I)
     assert t["tiny-moge-moe-bf16"]["shared_expert.gate_proj.weight"].shape == (
         c.shared_expert_intermediate_size, H)
+    assert t["tiny-moge-add-rms-norm-bf16"]["rstd"].shape == (8, 1)
+    assert t["tiny-moge-add-rms-norm-bf16"]["rstd"].dtype == np.float32
+    assert t["tiny-moge-rope-cache-f32-table-bf16"]["cos_sin_cache"].dtype == np.float32
+    assert t["tiny-moge-rope-cache-storage-table-bf16"]["cos_sin_cache"].shape == (8, D)
+    assert t["tiny-moge-qkv-proj-bf16"]["qkv"].shape == (8, (Hq + 2 * Hkv) * D)
+    assert t["tiny-moge-swiglu-w13-bf16"]["w13"].shape == (2 * I, H)
     for case in moge_bf16.values():
         for e in case.entries():
             a = case.tensors[e["name"]]
@@ -97,7 +104,8 @@ def test_operator_cases_have_the_preset_shapes(moge_bf16):
                 base = case.tensors[e["name"][:-len(".ref64")]]
                 assert a.dtype == (np.float64 if base.dtype.kind != "i" else np.int64)
             elif a.dtype.kind == "f" or a.dtype == BF16:
-                if e["name"] != "expert_weights":  # float32: the accumulation dtype
+                if e["name"] not in ("expert_weights", "rstd", "cos_sin_cache"):
+                    # expert_weights, rstd: the accumulation dtype; the f32 table
                     assert a.dtype == BF16, e["name"]
 
 
@@ -472,7 +480,7 @@ def test_committed_suite_covers_every_operator_and_mode_and_is_small():
                 assert (p, op, mode) in seen, (p, op, mode)
         assert (p, "decoder_layer", "bf16") in seen and (p, "model", "bf16") in seen
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(GOLDEN) for f in fs)
-    assert size < 4 * 2**20, size
+    assert size < 8 * 2**20, size   # 5.5 MiB: 13 operators x 4 modes x 2 presets
 
 
 def test_committed_suite_loads_and_verifies():

@@ -513,3 +513,197 @@ def test_reshape_and_cache_golden_passes_a_correct_kernel(cache_case, tmp_path):
     assert (t["slot_mapping"] < 0).sum() == 1
     report = judge(path, tmp_path / "ok", _write_cache(t))
     assert report["verdict"] == "pass", reasons(report)
+
+
+# ---------------------------------------------------------------------- fused add + RMSNorm
+def _add_rms(t, *, unrounded_sum=False, round_once=False, one_plus_w=False, no_add=False,
+             stale_residual=False, f64_stats=False):
+    """add_rms_norm written out in float32 (float64 in fp64 mode), with optional bugs: the
+    norm of the unrounded float32 sum (and its rstd), one rounding instead of two, weight
+    (1 + w), the norm of x without the residual, x_sum left as the old residual; or
+    (correct) the sum of squares in float64."""
+    x, r, w = t["x"], t["residual"], t["weight"]
+    dt = x.dtype
+    acc = np.float64 if dt == np.float64 else np.float32
+    s = x.astype(acc) + r.astype(acc)                       # exact for half inputs
+    x_sum = s.astype(dt)
+    base = (x.astype(acc) if no_add else s if unrounded_sum else x_sum.astype(acc))
+    stats = base.astype(np.float64) if f64_stats else base
+    rstd = (1.0 / np.sqrt(np.mean(stats * stats, axis=-1, keepdims=True) + 1e-5)).astype(acc)
+    wa = w.astype(acc) + (1 if one_plus_w else 0)
+    n = base * rstd
+    y = (wa * n if round_once else wa * n.astype(dt).astype(acc)).astype(dt)
+    return {"y": y, "x_sum": r if stale_residual else x_sum, "rstd": rstd}
+
+
+def _add_rms_torch(t):
+    """Correct, not ours: torch_npu's npu_add_rms_norm semantics written with torch ops (the
+    bf16/fp16 add rounds once; then LlamaRMSNorm: pow(2).mean, rsqrt, weight * n.to(dtype))."""
+    import torch
+
+    def tt(a):
+        a = np.asarray(a)
+        if a.dtype == refimpl.numerics.bfloat16:
+            return torch.from_numpy(a.view(np.uint16).astype(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a.copy())
+
+    def back(x):
+        if x.dtype == torch.bfloat16:
+            return x.view(torch.int16).numpy().view(np.uint16).view(refimpl.numerics.bfloat16)
+        return x.numpy()
+
+    x, r, w = tt(t["x"]), tt(t["residual"]), tt(t["weight"])
+    x_sum = x + r
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = x_sum.to(acc)
+    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+    y = w * (h * rstd).to(x.dtype)
+    return {"y": back(y), "x_sum": back(x_sum), "rstd": rstd.numpy()}
+
+
+@pytest.fixture(scope="module", params=["bf16", "fp16", "fp32"])
+def add_rms_case(request, tmp_path_factory):
+    """At the embedded-1b width (hidden 1536), 64 tokens."""
+    (case,) = operator_cases("embedded-1b", ["add_rms_norm"], request.param, tokens=64)
+    out = str(tmp_path_factory.mktemp("add_rms_norm"))
+    path = write_case(out, case)
+    return path, load_case(path).tensors, request.param
+
+
+@pytest.mark.parametrize("bug", ["unrounded_sum", "round_once", "one_plus_w", "no_add",
+                                 "stale_residual"])
+def test_add_rms_norm_golden_fails_wrong_kernels(add_rms_case, bug, tmp_path):
+    path, t, mode = add_rms_case
+    if mode == "fp32" and bug in ("unrounded_sum", "round_once"):
+        # in fp32 the sum and the normalised value are float32 already: these "bugs" compute
+        # the spec's numbers (checked), so there is nothing to catch
+        got = _add_rms(t, **{bug: True})
+        assert np.array_equal(got["y"], t["y"])
+        return
+    report = judge(path, tmp_path / bug, _add_rms(t, **{bug: True}))
+    assert report["verdict"] == "fail", (bug, mode, reasons(report))
+    if bug == "unrounded_sum" and mode == "bf16":
+        # allclose with bf16's tolerance (rtol 1.6e-2) would have let it through: the reason
+        # for "ulp" (float16's rtol 1e-3 happens to catch its 2-ulp moves)
+        allclose = compare_paths(path, str(tmp_path / bug), Options(criterion="allclose"))
+        y = [o for c in allclose["cases"] for o in c["outputs"] if o["name"] == "y"][0]
+        assert y["verdict"] == "pass", y
+
+
+@pytest.mark.parametrize("kernel", ["spec_rewrite", "f64_stats", "numba", "torch"])
+def test_add_rms_norm_golden_passes_correct_kernels(add_rms_case, kernel, tmp_path):
+    path, t, mode = add_rms_case
+    from refimpl import kernels as K
+
+    got = {"spec_rewrite": lambda: _add_rms(t),
+           "f64_stats": lambda: _add_rms(t, f64_stats=True),
+           "numba": lambda: dict(zip(("y", "x_sum", "rstd"),
+                                     K.add_rms_norm(t["x"], t["residual"], t["weight"], 1e-5))),
+           "torch": lambda: _add_rms_torch(t)}[kernel]()
+    report = judge(path, tmp_path / kernel, got)
+    assert report["verdict"] == "pass", (kernel, mode, reasons(report))
+
+
+# ---------------------------------------------------------------------- rope_cache
+@pytest.fixture(scope="module", params=MODES)
+def rope_cache_cases(request, tmp_path_factory):
+    return _serving_case(tmp_path_factory, "rope_cache", request.param)
+
+
+def _rope_from_cache(t, *, by_row=False, interleaved_cache=False, halves_swapped=False,
+                     numba=False):
+    """apply_rope with cos/sin gathered from the cos_sin_cache, with optional bugs: row t
+    instead of positions[t], the cache read as interleaved (cos, sin) pairs, the cos and sin
+    halves swapped."""
+    from refimpl import kernels as K
+
+    table, pos = t["cos_sin_cache"], t["positions"]
+    if by_row:
+        pos = np.arange(len(pos))
+    rows = table[pos]
+    d2 = table.shape[1] // 2
+    if interleaved_cache:
+        c, s = rows[:, 0::2], rows[:, 1::2]
+    elif halves_swapped:
+        c, s = rows[:, d2:], rows[:, :d2]
+    else:
+        c, s = rows[:, :d2], rows[:, d2:]
+    cos, sin = np.concatenate([c, c], -1), np.concatenate([s, s], -1)
+    rope = K.apply_rope if numba else ops.apply_rope
+    return {"q_rope": rope(t["q"], cos, sin), "k_rope": rope(t["k"], cos, sin)}
+
+
+def test_rope_cache_goldens_fail_wrong_kernels_and_pass_correct_ones(rope_cache_cases,
+                                                                    tmp_path):
+    for path, t in rope_cache_cases:
+        assert not np.array_equal(t["positions"], np.sort(t["positions"]))  # not in order
+        name = os.path.basename(path)
+        for bug in ("by_row", "interleaved_cache", "halves_swapped"):
+            report = judge(path, tmp_path / f"{name}-{bug}", _rope_from_cache(t, **{bug: True}))
+            assert report["verdict"] == "fail", (name, bug, reasons(report))
+        for kind, got in (("spec", _rope_from_cache(t)), ("numba", _rope_from_cache(t, numba=True))):
+            report = judge(path, tmp_path / f"{name}-{kind}", got)
+            assert report["verdict"] == "pass", (name, kind, reasons(report))
+
+
+# ---------------------------------------------------------------------- fused layouts
+@pytest.fixture(scope="module", params=MODES)
+def fused_cases(request, tmp_path_factory):
+    cases = {}
+    for op in ("qkv_proj", "swiglu_w13"):
+        (case,) = _serving_case(tmp_path_factory, op, request.param)
+        cases[op] = case
+    return cases
+
+
+def _qkv(t, q_size, kv_size, *, kv_swapped=False, no_bias=False, numba=False):
+    from refimpl import kernels as K
+
+    w, b = t["w_qkv"], t["b_qkv"]
+    if kv_swapped:   # the weight taken as [q; v; k]
+        order = np.r_[0:q_size, q_size + kv_size:q_size + 2 * kv_size, q_size:q_size + kv_size]
+        w, b = w[order], b[order]
+    lin = K.linear if numba else ops.linear
+    return {"qkv": lin(t["x"], w, None if no_bias else b)}   # one product over all rows
+
+
+def _w13(t, inter, *, gate_up_swapped=False, interleaved=False, gelu=False, numba=False):
+    from refimpl import kernels as K
+
+    lin = K.linear if numba else ops.linear
+    w13 = t["w13"]
+    if interleaved:   # w13 read as alternating gate/up rows
+        w13 = np.concatenate([w13[0::2], w13[1::2]])
+    gate_up = lin(t["x"], w13)
+    g, u = gate_up[:, :inter], gate_up[:, inter:]
+    if gate_up_swapped:
+        g, u = u, g
+    if gelu:
+        ga = g.astype(np.float64)
+        a = (0.5 * ga * (1 + np.tanh(0.7978845608 * (ga + 0.044715 * ga ** 3)))).astype(g.dtype)
+        act = (a.astype(np.float64) * u.astype(np.float64)).astype(g.dtype)
+    else:
+        act = ops.silu_and_mul(g, u)
+    return {"gate_up": gate_up, "act": act, "y": lin(act, t["w_down"])}
+
+
+def test_fused_layout_goldens_fail_wrong_kernels_and_pass_correct_ones(fused_cases, tmp_path):
+    path, t = fused_cases["qkv_proj"]
+    m = load_case(path).manifest["parameters"]
+    q_size, kv_size = m["q_size"], m["kv_size"]
+    for bug in ("kv_swapped", "no_bias"):
+        report = judge(path, tmp_path / bug, _qkv(t, q_size, kv_size, **{bug: True}))
+        assert report["verdict"] == "fail", (bug, reasons(report))
+    for kind in ("spec", "numba"):
+        report = judge(path, tmp_path / kind, _qkv(t, q_size, kv_size, numba=kind == "numba"))
+        assert report["verdict"] == "pass", (kind, reasons(report))
+
+    path, t = fused_cases["swiglu_w13"]
+    inter = load_case(path).manifest["parameters"]["intermediate_size"]
+    for bug in ("gate_up_swapped", "interleaved", "gelu"):
+        report = judge(path, tmp_path / bug, _w13(t, inter, **{bug: True}))
+        assert report["verdict"] == "fail", (bug, reasons(report))
+        assert "y" in failing(report)
+    for kind in ("spec", "numba"):
+        report = judge(path, tmp_path / f"w13-{kind}", _w13(t, inter, numba=kind == "numba"))
+        assert report["verdict"] == "pass", (kind, reasons(report))

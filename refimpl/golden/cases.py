@@ -34,7 +34,8 @@ from ..taps import Taps
 from .format import DEFAULT_K, REF_SUFFIX, Case, is_float, numerics_entry
 
 OPERATORS = ("rms_norm", "rope", "attention", "swiglu", "moge_route", "moe",
-             "attention_varlen", "paged_attention", "reshape_and_cache")
+             "attention_varlen", "paged_attention", "reshape_and_cache", "add_rms_norm",
+             "rope_cache", "qkv_proj", "swiglu_w13")
 #: tokens per block of the paged KV cache cases (vLLM / vllm-ascend default)
 DEFAULT_BLOCK_SIZE = 128
 MOGE_OPERATORS = ("moge_route", "moe")
@@ -315,7 +316,9 @@ def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens
                 "moge_route": _moge_route_cases, "moe": _moe_cases,
                 "attention_varlen": _attention_varlen_cases,
                 "paged_attention": _paged_attention_cases,
-                "reshape_and_cache": _reshape_and_cache_cases}
+                "reshape_and_cache": _reshape_and_cache_cases,
+                "add_rms_norm": _add_rms_norm_cases, "rope_cache": _rope_cache_cases,
+                "qkv_proj": _qkv_proj_cases, "swiglu_w13": _swiglu_w13_cases}
     cases = []
     for op in ops_list:
         cases.extend(builders[op](ctx))
@@ -445,7 +448,7 @@ def _attention_cases(ctx: _Ctx) -> list:
 
 PAGED_OPERATORS = ("paged_attention", "reshape_and_cache")
 #: operators whose sizes `--context` sets (positions attended to; default `--tokens`)
-CONTEXT_OPERATORS = ("attention", "attention_varlen", "paged_attention")
+CONTEXT_OPERATORS = ("attention", "attention_varlen", "paged_attention", "rope_cache")
 _WHY_COPY = "a copy: every slot is bit-equal to what was written or what was there"
 
 
@@ -590,6 +593,182 @@ def _reshape_and_cache_cases(ctx: _Ctx) -> list:
         case.add(name, a, "output", criterion={"name": "allclose"}, produced_by=produced,
                  tolerance={"rtol": 0.0, "atol": 0.0},
                  note="a copy: compared with zero tolerance")
+    return [case]
+
+
+#: add_rms_norm's y in bf16/fp16: each rounding is specified, so a correct kernel differs
+#: from the spec only where the float32 sum of squares, summed in another order, moves the
+#: inverse RMS by an ulp across a rounding midpoint of n = round(x_sum * rstd): measured
+#: 1e-4 of the elements, by at most 2 ulps (one of n, one more after the weight). A kernel
+#: that normalises the unrounded sum or rounds once moves about a quarter of them.
+ADD_RMS_NORM_Y = {"name": "ulp", "max_ulp": 2, "max_fraction": 1e-3}
+#: rstd in float32: the sum-of-squares order moves it by an ulp or two (1.2e-7 measured); the
+#: statistics of the unrounded sum are 2e-5 .. 2e-4 away
+ADD_RMS_NORM_RSTD_RTOL = {"float32": 1e-6, "float64": 1e-13}
+_WHY_ULP = ("every rounding specified: a correct kernel moves a last bit only where a float32 "
+            "sum's order decides a rounding (about 1e-4 of the elements); a missing cast point "
+            "moves a quarter of them, within any allclose tolerance, so allclose cannot see it")
+
+
+def _add_rms_norm_cases(ctx: _Ctx) -> list:
+    c, T, dt = ctx.config, ctx.tokens, ctx.dtype
+    H, eps = c.hidden_size, c.rms_norm_eps
+    wname = "model.layers.0.post_attention_layernorm.weight"
+    half = dt.itemsize == 2
+    case = ctx.case(
+        "add_rms_norm", "", "fused residual add + RMSNorm as the serving path runs it: the "
+        "rounded sum is the new residual and the input of the norm, which also returns rstd",
+        {"eps": eps, "hidden_size": H, "tokens": T, "weight": wname,
+         "layout": "x, residual [T, H]; y, x_sum [T, H] in the storage dtype; rstd [T, 1] in "
+                   "the accumulation dtype (float32; float64 in fp64 mode)",
+         "formula": "x_sum = round(x + residual) (float32 add, one rounding); rstd = 1 / "
+                    "sqrt(mean(x_sum^2) + eps) from the rounded x_sum; y = round(weight * "
+                    "round(x_sum * rstd)) (the rms_norm case's cast points)",
+         "inputs": "x ~ N(0, 1) (a block's output), residual ~ N(0, 16) (the residual stream)"},
+        ["residual add", "rms_norm"],
+        {"default": "x_sum exact; y " + ("ulp" if half else "k-error") + "; rstd allclose",
+         "why": _WHY_ULP if half else _WHY_K})
+    x = ctx.normal("add_rms_norm.x", (T, H))                 # [T, H]
+    residual = ctx.normal("add_rms_norm.residual", (T, H), std=4.0)
+    w = ctx.weight(wname)                                    # [H]
+    for name, a in (("x", x), ("residual", residual), ("weight", w)):
+        case.add(name, a, "input")
+    y, x_sum, rstd = ops.add_rms_norm(x, residual, w, eps)
+    produced = {"op": "add_rms_norm", "args": ["x", "residual", "weight"]}
+    case.add("x_sum", x_sum, "output", criterion={"name": "allclose"}, produced_by=produced,
+             tolerance={"rtol": 0.0, "atol": 0.0},
+             note="one rounding of an exact float32 sum: compared with zero tolerance")
+    # references from the rounded sum: the normalisation of x_sum, not of x + residual
+    y64, _, rstd64 = ops.add_rms_norm(f64(x_sum), np.zeros((T, H)), f64(w), eps)
+    add_output(case, "y", y, y64, ADD_RMS_NORM_Y if half else k_error("y"), produced,
+               note="reference: float64 rms_norm of the rounded x_sum")
+    rtol = ADD_RMS_NORM_RSTD_RTOL[rstd.dtype.name]
+    case.add("rstd", rstd, "output", criterion={"name": "allclose"}, produced_by=produced,
+             tolerance={"rtol": rtol, "atol": 0.0},
+             note="the inverse RMS of the rounded x_sum in the accumulation dtype")
+    case.add("rstd" + REF_SUFFIX, rstd64, "reference",
+             note="rstd in float64 from the rounded x_sum")
+    return [case]
+
+
+def rope_cache_positions(ctx: _Ctx) -> np.ndarray:
+    """Position ids of the rope_cache case: T seeded draws from [0, --context) (repeats and
+    any order, as a batch of sequences at different positions), the first two 0 and
+    context - 1."""
+    P = ctx.keys
+    pos = tensor_rng(ctx.seed, "golden.rope_cache.positions").integers(0, P, ctx.tokens)
+    pos[:2] = [0, P - 1][:ctx.tokens]
+    return pos.astype(np.int64)
+
+
+def _rope_cache_cases(ctx: _Ctx) -> list:
+    c, T, dt = ctx.config, ctx.tokens, ctx.dtype
+    D, Hq, Hkv, P = c.head_dim, c.num_attention_heads, c.num_key_value_heads, ctx.keys
+    cases = []
+    positions = rope_cache_positions(ctx)
+    q = ctx.normal("rope_cache.q", (T, Hq, D))              # [T, Hq, D]
+    k = ctx.normal("rope_cache.k", (T, Hkv, D))             # [T, Hkv, D]
+    for variant, table_dt in (("f32-table", np.dtype(np.float32)), ("storage-table", dt)):
+        case = ctx.case(
+            "rope_cache", variant,
+            f"RoPE of queries and keys at arbitrary position ids, cos and sin gathered from "
+            f"a cos_sin_cache of {P} positions in {table_dt.name}",
+            {"head_dim": D, "num_heads": Hq, "num_kv_heads": Hkv, "tokens": T,
+             "cache_positions": P, "table_dtype": table_dt.name, "angle_mode": ctx.rope_angles,
+             "theta": c.rope_theta,
+             "layout": "cos_sin_cache [P, D] = cat(cos[:, :D/2], sin[:, :D/2]) of the "
+                       "rotate-half tables (rope_tables of positions 0 .. P-1, rounded once "
+                       "to the table dtype); positions int64 [T], any order, repeats allowed",
+             "formula": "cos = cat(c, c), sin = cat(s, s) with c, s = cos_sin_cache[pos] "
+                        "halves; each rounded to the query dtype; y = round(round(x * cos) + "
+                        "round(rotate_half(x) * sin))"},
+            ["rope tables", "apply_rope"], {"default": "k-error", "why": _WHY_K})
+        cos_t, sin_t = ops.rope_tables(np.arange(P), D, c.rope_theta, angles=ctx.rope_angles,
+                                       dtype=np.float64)
+        table = ops.cos_sin_cache(cos_t, sin_t).astype(table_dt)      # [P, D]
+        case.add("q", q, "input")
+        case.add("k", k, "input")
+        case.add("positions", positions, "input")
+        case.add("cos_sin_cache", table, "input")
+        cos, sin = ops.rope_cache(positions, table)                   # [T, D] each
+        cos64, sin64 = ops.rope_cache(positions, f64(table))
+        for name, x in (("q_rope", q), ("k_rope", k)):
+            add_output(case, name, ops.apply_rope(x, cos, sin),
+                       ops.apply_rope(f64(x), cos64, sin64), k_error(name),
+                       {"op": "apply_rope(x, *rope_cache(positions, cos_sin_cache))",
+                        "args": [name[0], "positions", "cos_sin_cache"]})
+        cases.append(case)
+    return cases
+
+
+def _qkv_proj_cases(ctx: _Ctx) -> list:
+    c, T = ctx.config, ctx.tokens
+    H, D, Hq, Hkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    q_size, kv_size = Hq * D, Hkv * D
+    a = "model.layers.0.self_attn."
+    case = ctx.case(
+        "qkv_proj", "", "the fused q/k/v projection: one weight of [q; k; v] rows with its "
+        "bias, output split after",
+        {"hidden_size": H, "tokens": T, "q_size": q_size, "kv_size": kv_size,
+         "weights": f"w_qkv = cat({a}q_proj.weight, k_proj.weight, v_proj.weight) along "
+                    "rows; b_qkv the same of the biases",
+         "layout": f"x [T, H]; w_qkv [{q_size} + 2 x {kv_size}, H]; b_qkv [...]; output qkv "
+                   f"[T, {q_size + 2 * kv_size}]: q = qkv[:, :{q_size}], k = qkv[:, "
+                   f"{q_size}:{q_size + kv_size}], v = the rest",
+         "formula": "qkv = round(x w_qkv^T + b_qkv) (float32 accumulation, bias added "
+                    "before the one rounding): equal to the three projections"},
+        ["linear"], {"default": "k-error", "why": _WHY_K})
+    x = ctx.normal("qkv_proj.x", (T, H))
+    w = np.concatenate([ctx.weight(a + f"{p}_proj.weight") for p in "qkv"])
+    b = (np.concatenate([ctx.weight(a + f"{p}_proj.bias") for p in "qkv"])
+         if c.bias else None)
+    case.add("x", x, "input")
+    case.add("w_qkv", w, "input")
+    if b is not None:
+        case.add("b_qkv", b, "input")
+    qkv = np.concatenate(ops.qkv_proj(x, w, b, q_size, kv_size), axis=-1)
+    ref = np.concatenate(ops.qkv_proj(f64(x), f64(w), None if b is None else f64(b), q_size,
+                                      kv_size), axis=-1)
+    add_output(case, "qkv", qkv, ref, k_error("qkv"),
+               {"op": "qkv_proj", "args": ["x", "w_qkv", "b_qkv"]})
+    return [case]
+
+
+def _swiglu_w13_cases(ctx: _Ctx) -> list:
+    c, T = ctx.config, ctx.tokens
+    if c.layer_is_moe(0):
+        prefix, inter = "model.layers.0.mlp.experts.0.", c.moe_intermediate_size
+    else:
+        prefix, inter = "model.layers.0.mlp.", c.intermediate_size
+    case = ctx.case(
+        "swiglu_w13", "", "SwiGLU with the fused gate/up weight w13 = cat(gate, up): the "
+        "gate_up matmul, the silu-and-mul activation and the down projection",
+        {"hidden_size": c.hidden_size, "intermediate_size": inter, "tokens": T,
+         "weights": f"w13 = cat({prefix}gate_proj.weight, {prefix}up_proj.weight) along rows; "
+                    f"w_down = {prefix}down_proj.weight",
+         "layout": f"x [T, H]; w13 [2 x {inter}, H]; w_down [H, {inter}]; gate_up [T, 2 x "
+                   f"{inter}]; act [T, {inter}]; y [T, H]",
+         "formula": "gate_up = round(x w13^T); g, u = gate_up[:, :I], gate_up[:, I:]; act = "
+                    "round(round(silu(g)) * u); y = round(act w_down^T)"},
+        ["linear", "swiglu"], {"default": "k-error", "why": _WHY_K})
+    x = ctx.normal("swiglu_w13.x", (T, c.hidden_size))
+    w13 = np.concatenate([ctx.weight(prefix + "gate_proj.weight"),
+                          ctx.weight(prefix + "up_proj.weight")])
+    w_down = ctx.weight(prefix + "down_proj.weight")
+    for name, a in (("x", x), ("w13", w13), ("w_down", w_down)):
+        case.add(name, a, "input")
+    gate_up = np.concatenate([ops.linear(x, w13[:inter]), ops.linear(x, w13[inter:])], -1)
+    act = ops.silu_and_mul(gate_up[:, :inter], gate_up[:, inter:])
+    y = ops.swiglu_w13(x, w13, w_down)
+    x64, w64 = f64(x), f64(w13)
+    gu64 = np.concatenate([ops.linear(x64, w64[:inter]), ops.linear(x64, w64[inter:])], -1)
+    act64 = ops.silu_and_mul(gu64[:, :inter], gu64[:, inter:])
+    produced = {"op": "swiglu_w13", "args": ["x", "w13", "w_down"]}
+    add_output(case, "gate_up", gate_up, gu64, k_error("gate_up"),
+               {"op": "linear", "args": ["x", "w13"]})
+    add_output(case, "act", act, act64, k_error("act"),
+               {"op": "silu_and_mul", "args": ["gate_up[:, :I]", "gate_up[:, I:]"]})
+    add_output(case, "y", y, ops.swiglu_w13(x64, w64, f64(w_down)), k_error("y"), produced)
     return [case]
 
 

@@ -55,7 +55,9 @@ DEFAULT_TOLERANCES = {"float16": (1e-3, 1e-5), "bfloat16": (1.6e-2, 1e-5),
                       "float32": (1.3e-6, 1e-5), "float64": (1e-7, 1e-7)}
 #: default k of the k-error criterion (FlashAttention's tests use 2)
 DEFAULT_K = 2.0
-CRITERIA = ("allclose", "double-thousandth", "ascend", "k-error")
+CRITERIA = ("allclose", "double-thousandth", "ascend", "k-error", "ulp")
+#: defaults of the ulp criterion's fields (a manifest states its own)
+ULP_DEFAULTS = {"max_ulp": 1, "max_fraction": 1.0}
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
@@ -390,7 +392,7 @@ def find_cases(path: str) -> list:
 
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "TENSORS_NAME", "ROLES",
-           "REF_SUFFIX", "EXPORTS", "CRITERIA", "DEFAULT_TOLERANCES", "DEFAULT_K",
+           "REF_SUFFIX", "EXPORTS", "CRITERIA", "ULP_DEFAULTS", "DEFAULT_TOLERANCES", "DEFAULT_K",
            "GoldenError", "Case", "Tensor", "LoadedCase", "write_case", "load_case",
            "find_cases", "read_manifest", "read_tensors_file", "write_tensors_file",
            "sha256_of", "raw_bytes", "default_tolerance", "cast_points", "numerics_entry",
