@@ -43,6 +43,10 @@ Conventions (see each module's docstring for its kernel):
 
 from ._cache import use_source_keyed_cache
 
+#: every kernel computes an output row by the same code whatever the other rows (no BLAS, a
+#: fixed summation order per row): `Model.step` may run a packed batch through them at once
+ROWS_INDEPENDENT = True
+
 use_source_keyed_cache()  # before any kernel module is compiled or loaded from a cache
 
 from refimpl.ops import (apply_rope_interleaved, causal_mask,

@@ -6,7 +6,7 @@
     model = refimpl.load_model("DIR", numerics="bf16", backend="numba")   # a checkpoint
 """
 
-from .cache import KVCache
+from .cache import KVCache, PagedKVCache
 from .io.checkpoint import load_model
 from .config import PRESET_NAMES, ModelConfig, parameter_count, preset, weight_shapes
 from .errors import RefimplError
@@ -17,6 +17,6 @@ from .taps import Taps
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "PRESET_NAMES", "ModelConfig", "parameter_count", "preset",
+__all__ = ["KVCache", "PagedKVCache", "PRESET_NAMES", "ModelConfig", "parameter_count", "preset",
            "weight_shapes", "RefimplError", "generate", "Model", "init_model", "load_model",
            "random_weights", "Taps", "__version__"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import get_ops
-from .cache import KVCache
+from .cache import KVCache, PagedKVCache
 from .config import ModelConfig, resolve_config
 from .errors import InputError
 from .numerics import accum_dtype, storage_dtype
@@ -132,10 +132,13 @@ class Model:
         return logits
 
     def layer(self, i: int, x: np.ndarray, cos, sin, cache=None, record=None,
-              expert_ids=None) -> np.ndarray:
+              expert_ids=None, paged=None) -> np.ndarray:
         """One decoder layer. # [T, H] -> [T, H]
-        `expert_ids` [T, G] forces the MoGE selection (`refimpl.ops.moe_block`)."""
+        `expert_ids` [T, G] forces the MoGE selection (`refimpl.ops.moe_block`). `paged`: the
+        packed batch of `step` (keys through its paged cache; the projections and the MLP
+        per entry where the backend needs it)."""
         c, ops = self.config, self.ops
+        each = paged.each if paged is not None else (lambda fn, rows, rec=None: fn(rows, rec))
         p = f"model.layers.{i}."
         T = x.shape[0]
         Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -144,32 +147,105 @@ class Model:
 
         n1 = ops.rms_norm(x, self.w(p + "input_layernorm.weight"), c.rms_norm_eps)  # [T, H]
         a = p + "self_attn."
-        q = ops.linear(n1, self.w(a + "q_proj.weight"), self._opt(a + "q_proj.bias"))
-        k = ops.linear(n1, self.w(a + "k_proj.weight"), self._opt(a + "k_proj.bias"))
-        v = ops.linear(n1, self.w(a + "v_proj.weight"), self._opt(a + "v_proj.bias"))
+        q, k, v = (each(lambda rows, _, n=n: ops.linear(rows, self.w(a + f"{n}_proj.weight"),
+                                                         self._opt(a + f"{n}_proj.bias")), n1)
+                   for n in "qkv")
         q, k, v = q.reshape(T, Hq, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
         rec("input_norm", n1), rec("q", q), rec("k", k), rec("v", v)
         q = ops.apply_rope(q, cos, sin)                     # [T, Hq, D]
         k = ops.apply_rope(k, cos, sin)                     # [T, Hkv, D]
         rec("q_rope", q), rec("k_rope", k)
-        k_all, v_all = cache.append(i, k, v) if cache is not None else (k, v)  # [S, Hkv, D]
-        attn = ops.attention(q, k_all, v_all, causal=True).reshape(T, Hq * D)  # [T, Hq*D]
-        o = ops.linear(attn, self.w(a + "o_proj.weight"), self._opt(a + "o_proj.bias"))
+        if paged is not None:
+            attn = paged.attend(ops, i, q, k, v).reshape(T, Hq * D)        # [N, Hq*D]
+        else:
+            k_all, v_all = cache.append(i, k, v) if cache is not None else (k, v)  # [S, Hkv, D]
+            attn = ops.attention(q, k_all, v_all, causal=True).reshape(T, Hq * D)  # [T, Hq*D]
+        o = each(lambda rows, _: ops.linear(rows, self.w(a + "o_proj.weight"),
+                                            self._opt(a + "o_proj.bias")), attn)
         h = ops.add(x, o)                                    # [T, H]
         rec("attn", attn), rec("attn_out", o), rec("resid_mid", h)
 
         n2 = ops.rms_norm(h, self.w(p + "post_attention_layernorm.weight"), c.rms_norm_eps)
         rec("post_norm", n2)
         if c.layer_is_moe(i):
-            m = ops.moe_block(n2, self.w(p + "mlp.gate.weight"), self.w(p + "mlp.router_scale"),
-                              _LayerExperts(self, p + "mlp.experts."),
-                              self._swiglu_weights(p + "mlp.shared_expert."),
-                              c.num_groups, record=record, expert_ids=expert_ids)
+            m = each(lambda rows, rec: ops.moe_block(
+                rows, self.w(p + "mlp.gate.weight"), self.w(p + "mlp.router_scale"),
+                _LayerExperts(self, p + "mlp.experts."),
+                self._swiglu_weights(p + "mlp.shared_expert."), c.num_groups, record=rec,
+                expert_ids=expert_ids), n2, record)
         else:
-            m = ops.swiglu(n2, *self._swiglu_weights(p + "mlp."))
+            m = each(lambda rows, _: ops.swiglu(rows, *self._swiglu_weights(p + "mlp.")), n2)
         y = ops.add(h, m)                                    # [T, H]
         rec("mlp_out", m), rec("out", y)
         return y
+
+    # ------------------------------------------------------------------ serving a batch
+    def new_paged_cache(self, num_blocks: int, block_size: int = 128, order=None) -> PagedKVCache:
+        c = self.config
+        return PagedKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype,
+                            num_blocks, block_size, order)
+
+    def step(self, batch, cache: PagedKVCache, taps: Taps | None = None) -> list:
+        """One scheduler step over a paged cache: logits [n_b, vocab] for each entry.
+
+        batch: [(seq_id, token_ids), ...], distinct sequences; entry b's n_b tokens follow the
+        positions the cache holds for its sequence (a whole prompt, a prefill chunk, or one
+        decode token; a sequence new to the cache starts at position 0). All tokens are packed
+        along one axis [N = sum n_b, ...]; each layer writes the new keys and values through
+        the slot mapping (`reshape_and_cache`), decode entries (n_b = 1) attend through their
+        block tables (`paged_attention`) and the others over their gathered positions
+        (`attention_varlen`). Every entry's logits equal `forward` of the same tokens on that
+        sequence alone with a `KVCache` holding the same prefix, bit for bit: the Numba
+        kernels compute a row the same whatever the batch, so they run the packed batch at
+        once; the spec's projections and MoE block run entry by entry (BLAS's last bits
+        depend on a product's row count). `taps` receives the packed batch's intermediates
+        (the names of `refimpl.taps`, rows in batch order, experts' token_idx into the packed
+        rows) and the step's `positions`, `slot_mapping`, `q_lens`, `kv_lens`,
+        `block_tables`; `refimpl.taps.split_step` cuts them per entry.
+        """
+        c, ops = self.config, self.ops
+        seqs = [seq for seq, _ in batch]
+        if not seqs or len(set(seqs)) != len(seqs):
+            raise InputError("a step needs at least one entry and each sequence at most once")
+        ids = [self.check_token_ids(t) for _, t in batch]
+        q_lens = np.array([a.size for a in ids], np.int64)                     # [B]
+        starts = np.array([cache.length(seq) for seq in seqs], np.int64)
+        kv_lens = starts + q_lens
+        if (kv_lens > c.max_position_embeddings).any():
+            b = int(np.argmax(kv_lens > c.max_position_embeddings))
+            raise InputError(f"sequence {seqs[b]!r}: {int(kv_lens[b])} positions exceed "
+                             f"max_position_embeddings {c.max_position_embeddings}")
+        need = sum(cache.blocks_needed(seq, int(n)) for seq, n in zip(seqs, q_lens))
+        if need > cache.free_blocks:
+            raise InputError(f"paged cache full: the step needs {need} more blocks of "
+                             f"{cache.block_size}, {cache.free_blocks} free")
+        slots = np.concatenate([cache.reserve(seq, int(n)) for seq, n in zip(seqs, q_lens)])
+        positions = np.concatenate([np.arange(a, b) for a, b in zip(starts, kv_lens)])  # [N]
+        bounds = list(zip(np.r_[0, np.cumsum(q_lens)[:-1]], np.cumsum(q_lens)))
+        paged = _PagedBatch(cache, seqs, q_lens, kv_lens, slots, bounds,
+                            packed=getattr(ops, "ROWS_INDEPENDENT", False))
+        if taps is not None:
+            for name, a in (("positions", positions), ("slot_mapping", slots),
+                            ("q_lens", q_lens), ("kv_lens", kv_lens),
+                            ("block_tables", paged.tables)):
+                taps.record(name, a)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, angles=c.rope_angles,
+                               dtype=accum_dtype(self.dtype))  # [N, D] each
+        x = ops.embedding(np.concatenate(ids), self.w("model.embed_tokens.weight"))
+        x = x.astype(self.dtype, copy=False)                    # [N, H]
+        if taps is not None:
+            taps.record("embed", x)
+        for i in range(c.num_hidden_layers):
+            record = taps.layer_recorder(i) if taps is not None else None
+            x = self.layer(i, x, cos, sin, record=record, paged=paged)
+        for seq, n in zip(seqs, q_lens):
+            cache.advance(seq, int(n))
+        x = ops.rms_norm(x, self.w("model.norm.weight"), c.rms_norm_eps)   # [N, H]
+        logits = paged.each(lambda rows, _: ops.linear(rows, self.lm_head()), x)  # [N, V]
+        if taps is not None:
+            taps.record("final_norm", x)
+            taps.record("logits", logits)
+        return [logits[a:b] for a, b in bounds]
 
     # ------------------------------------------------------------------ convenience
     def __call__(self, token_ids, cache=None):
@@ -192,3 +268,58 @@ class _LayerExperts:
 
     def __len__(self):
         return self.model.config.num_experts
+
+
+class _PagedBatch:
+    """The packed batch of one `Model.step`: its sequences' lengths, slots and block tables,
+    and the two things a layer does differently for it (attention through the paged cache;
+    row-count-sensitive operators entry by entry)."""
+
+    def __init__(self, cache: PagedKVCache, seqs, q_lens, kv_lens, slots, bounds,
+                 packed: bool):
+        self.cache, self.q_lens, self.kv_lens, self.packed = cache, q_lens, kv_lens, packed
+        self.slots, self.bounds = slots, bounds
+        self.tables = cache.block_tables(seqs)                      # [B, max_blocks] int32
+        self.decode = q_lens == 1                                   # [B]
+        token_entry = np.repeat(np.arange(len(seqs)), q_lens)       # [N]
+        self.decode_rows = self.decode[token_entry]                 # [N]
+
+    def each(self, fn, rows, record=None):
+        """fn(rows, record) on the packed rows at once when the backend computes a row the
+        same whatever the batch (the Numba kernels), else entry by entry with the results
+        and the taps fn records concatenated in batch order (experts' token_idx shifted to
+        packed rows). # [N, ...] -> [N, ...]"""
+        if self.packed or len(self.bounds) == 1:
+            return fn(rows, record)
+        parts, recorded = [], {}
+        for a, b in self.bounds:
+            def rec(name, array, a=a):
+                array = np.asarray(array)
+                recorded.setdefault(name, []).append(array + a if name.endswith(".token_idx")
+                                                     else array)
+            parts.append(fn(rows[a:b], rec if record is not None else None))
+        for name, arrays in recorded.items():
+            record(name, np.concatenate(arrays))
+        return np.concatenate(parts)
+
+    def attend(self, ops, layer: int, q, k, v) -> np.ndarray:
+        """Write k, v [N, Hkv, D] at the step's slots, then attend: decode entries through
+        their block tables, the others over their positions gathered from the cache.
+        # q [N, Hq, D] -> [N, Hq, D]"""
+        cache = self.cache
+        cache.write(layer, k, v, self.slots)
+        kc, vc = cache.key_cache[layer], cache.value_cache[layer]
+        out = np.empty(q.shape, q.dtype)
+        if self.decode.any():
+            out[self.decode_rows] = ops.paged_attention(
+                q[self.decode_rows], kc, vc, self.tables[self.decode], self.kv_lens[self.decode])
+        chunk = ~self.decode
+        if chunk.any():
+            keys = [ops.gather_paged(kc, self.tables[b], int(self.kv_lens[b]))
+                    for b in np.flatnonzero(chunk)]
+            values = [ops.gather_paged(vc, self.tables[b], int(self.kv_lens[b]))
+                      for b in np.flatnonzero(chunk)]
+            out[~self.decode_rows] = ops.attention_varlen(
+                q[~self.decode_rows], np.concatenate(keys), np.concatenate(values),
+                self.q_lens[chunk], self.kv_lens[chunk])
+        return out

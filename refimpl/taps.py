@@ -65,3 +65,45 @@ class Taps:
 
     def __iter__(self):
         return iter(self.arrays)
+
+
+#: taps of a `Model.step` that describe the batch, not its tokens (`split_step` gives each
+#: entry all of them)
+BATCH_TAPS = ("q_lens", "kv_lens", "block_tables")
+
+
+def split_step(taps: Taps, q_lens) -> list:
+    """The taps of one `Model.step` cut per entry: [{name: array}, ...] in batch order.
+
+    Token-major arrays (first axis N = sum q_lens) give entry b its rows; an expert's
+    `token_idx` (into the packed rows) keeps entry b's tokens, shifted to count from 0, with
+    the matching rows of the expert's `in` and `out` (an expert none of b's tokens chose is
+    left out, as `forward` leaves it out); BATCH_TAPS go to every entry. So entry b's dict
+    holds what `Model.forward` records for the same tokens.
+    """
+    lens = np.asarray(q_lens, np.int64)
+    bounds = np.r_[0, np.cumsum(lens)]
+    N = int(bounds[-1])
+    out = [{} for _ in lens]
+    for name, a in taps.arrays.items():
+        if name in BATCH_TAPS:
+            for d in out:
+                d[name] = a
+        elif ".experts." in name and name.endswith((".in", ".out")):
+            continue                                     # with their token_idx, below
+        elif ".experts." in name and name.endswith(".token_idx"):
+            stem = name[:-len("token_idx")]
+            for b, d in enumerate(out):
+                mine = (a >= bounds[b]) & (a < bounds[b + 1])
+                if mine.any():
+                    d[name] = a[mine] - bounds[b]
+                    for part in ("in", "out"):
+                        if stem + part in taps.arrays:
+                            d[stem + part] = taps.arrays[stem + part][mine]
+        elif a.ndim >= 1 and a.shape[0] == N:
+            for b, d in enumerate(out):
+                d[name] = a[bounds[b]:bounds[b + 1]]
+        else:
+            raise ValueError(f"tap {name!r} of shape {list(a.shape)} is neither per token "
+                             f"({N} rows) nor a batch tap")
+    return out

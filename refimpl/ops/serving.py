@@ -82,9 +82,10 @@ def _check_cache(key_cache, value_cache):
 
 
 def reshape_and_cache(key: np.ndarray, value: np.ndarray, key_cache: np.ndarray,
-                      value_cache: np.ndarray, slot_mapping):
+                      value_cache: np.ndarray, slot_mapping, inplace: bool = False):
     """Write new keys and values into a paged cache; return the new caches (the inputs are
-    not modified).
+    not modified, unless inplace=True: then they are written and returned, as the kernel
+    does and as `refimpl.cache.PagedKVCache` uses it).
 
     # key/value [T, Hkv, D], caches [num_blocks, block_size, Hkv, D], slot_mapping [T] ->
     # (key_cache, value_cache) [num_blocks, block_size, Hkv, D]
@@ -110,7 +111,7 @@ def reshape_and_cache(key: np.ndarray, value: np.ndarray, key_cache: np.ndarray,
     used = slots[keep]
     if np.unique(used).size != used.size:
         raise InputError("slot_mapping: two tokens write the same slot")
-    k_out, v_out = key_cache.copy(), value_cache.copy()
+    k_out, v_out = (key_cache, value_cache) if inplace else (key_cache.copy(), value_cache.copy())
     k_out.reshape(NB * BS, Hkv, D)[used] = key[keep].astype(key_cache.dtype)
     v_out.reshape(NB * BS, Hkv, D)[used] = value[keep].astype(value_cache.dtype)
     return k_out, v_out
