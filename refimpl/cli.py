@@ -1,6 +1,6 @@
-"""The command line: `python -m refimpl {run,init,info,golden,compare,bench} ...`.
+"""The command line: `python -m refimpl {run,init,info,golden,compare,bench,serve-sim} ...`.
 
-Every subcommand lives in `refimpl.commands.<name>` with `add_parser(subparsers)` and
+Every subcommand lives in `refimpl.commands.<name>` (serve-sim in `serve_sim`) with `add_parser(subparsers)` and
 `main(args) -> int`. Errors in the input (RefimplError) reach the user as one line on stderr
 and exit status 2, never a traceback; REFIMPL_DEBUG=1 shows the traceback.
 """
@@ -14,7 +14,7 @@ import sys
 
 from .errors import RefimplError
 
-COMMANDS = ("run", "init", "info", "golden", "compare", "bench")
+COMMANDS = ("run", "init", "info", "golden", "compare", "bench", "serve_sim")
 
 
 class _Parser(argparse.ArgumentParser):

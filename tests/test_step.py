@@ -157,3 +157,53 @@ def test_step_refuses_bad_batches_and_leaves_the_cache_as_it_was():
         with pytest.raises(InputError, match=fragment):
             model.step(batch, cache)
         assert (cache.free_blocks, cache.length("a"), cache.block_table("a").tolist()) == before
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "REFIMPL_DEBUG"}
+    return subprocess.run([sys.executable, "-m", "refimpl", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_serve_sim_default_trace_equals_generating_each_request_alone():
+    res = _cli("serve-sim", "--check")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any("prefill 4 | " in ln for ln in lines)              # a prompt cut in chunks
+    assert any(" | " in ln and "decode" in ln and "prefill" in ln for ln in lines)  # mixed
+    assert sum("[same as alone]" in ln for ln in lines) == 4
+    assert "arrived at step 5" in res.stdout
+
+
+def test_scheduler_waits_for_blocks_and_frees_them():
+    from refimpl.scheduler import Request, simulate
+
+    model = refimpl.init_model("tiny-moge", seed=1, numerics="bf16", backend="numba")
+    rng = np.random.default_rng(0)
+    reqs = [Request(f"r{i}", list(rng.integers(3, 257, n)), a, 6)
+            for i, (n, a) in enumerate([(30, 0), (7, 0), (19, 1), (1, 3)])]
+    cache = model.new_paged_cache(num_blocks=6, block_size=8)    # too few for all at once
+    steps = list(simulate(model, reqs, cache, token_budget=10))
+    assert cache.free_blocks == 6 and all(r.finished for r in reqs)
+    assert max(s.blocks_used for s in steps) <= 6
+    first_of = {r.rid: min(s.index for s in steps if any(e[0] == r.rid for e in s.entries))
+                for r in reqs}
+    assert first_of["r2"] > 1                                     # waited for blocks
+    for r in reqs:
+        alone = [int(t) for t in refimpl.generate(model, r.prompt, max_new_tokens=6,
+                                                  eos_id=[])]
+        assert r.generated == alone, r.rid
+
+
+def test_serve_sim_refuses_bad_options():
+    for args, fragment in ((["--token-budget", "0"], "--token-budget"),
+                           (["--arrive", "0,1"], "--arrive needs 4"),
+                           (["--num-blocks", "1", "--block-size", "2"], "needs"),
+                           (["--model", "tiny-dense"], "--token-ids")):
+        res = _cli("serve-sim", *args)
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        assert res.stderr.count("\n") == 1 and fragment in res.stderr, res.stderr
