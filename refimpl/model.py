@@ -138,7 +138,8 @@ class Model:
         packed batch of `step` (keys through its paged cache; the projections and the MLP
         per entry where the backend needs it)."""
         c, ops = self.config, self.ops
-        each = paged.each if paged is not None else (lambda fn, rows, rec=None: fn(rows, rec))
+        each = paged.each if paged is not None else (lambda fn, rows, rec=None, *aligned:
+                                                     fn(rows, rec, *aligned))
         p = f"model.layers.{i}."
         T = x.shape[0]
         Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -168,11 +169,11 @@ class Model:
         n2 = ops.rms_norm(h, self.w(p + "post_attention_layernorm.weight"), c.rms_norm_eps)
         rec("post_norm", n2)
         if c.layer_is_moe(i):
-            m = each(lambda rows, rec: ops.moe_block(
+            m = each(lambda rows, rec, forced=None: ops.moe_block(
                 rows, self.w(p + "mlp.gate.weight"), self.w(p + "mlp.router_scale"),
                 _LayerExperts(self, p + "mlp.experts."),
                 self._swiglu_weights(p + "mlp.shared_expert."), c.num_groups, record=rec,
-                expert_ids=expert_ids), n2, record)
+                expert_ids=forced), n2, record, *([] if expert_ids is None else [expert_ids]))
         else:
             m = each(lambda rows, _: ops.swiglu(rows, *self._swiglu_weights(p + "mlp.")), n2)
         y = ops.add(h, m)                                    # [T, H]
@@ -185,7 +186,8 @@ class Model:
         return PagedKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype,
                             num_blocks, block_size, order)
 
-    def step(self, batch, cache: PagedKVCache, taps: Taps | None = None) -> list:
+    def step(self, batch, cache: PagedKVCache, taps: Taps | None = None,
+             expert_ids=None) -> list:
         """One scheduler step over a paged cache: logits [n_b, vocab] for each entry.
 
         batch: [(seq_id, token_ids), ...], distinct sequences; entry b's n_b tokens follow the
@@ -201,7 +203,8 @@ class Model:
         depend on a product's row count). `taps` receives the packed batch's intermediates
         (the names of `refimpl.taps`, rows in batch order, experts' token_idx into the packed
         rows) and the step's `positions`, `slot_mapping`, `q_lens`, `kv_lens`,
-        `block_tables`; `refimpl.taps.split_step` cuts them per entry.
+        `block_tables`; `refimpl.taps.split_step` cuts them per entry. `expert_ids` {layer:
+        [N, G]} forces the MoGE selection of the packed tokens (as `forward`'s).
         """
         c, ops = self.config, self.ops
         seqs = [seq for seq, _ in batch]
@@ -237,7 +240,8 @@ class Model:
             taps.record("embed", x)
         for i in range(c.num_hidden_layers):
             record = taps.layer_recorder(i) if taps is not None else None
-            x = self.layer(i, x, cos, sin, record=record, paged=paged)
+            forced = None if expert_ids is None else expert_ids.get(i)
+            x = self.layer(i, x, cos, sin, record=record, expert_ids=forced, paged=paged)
         for seq, n in zip(seqs, q_lens):
             cache.advance(seq, int(n))
         x = ops.rms_norm(x, self.w("model.norm.weight"), c.rms_norm_eps)   # [N, H]
@@ -284,20 +288,21 @@ class _PagedBatch:
         token_entry = np.repeat(np.arange(len(seqs)), q_lens)       # [N]
         self.decode_rows = self.decode[token_entry]                 # [N]
 
-    def each(self, fn, rows, record=None):
-        """fn(rows, record) on the packed rows at once when the backend computes a row the
-        same whatever the batch (the Numba kernels), else entry by entry with the results
-        and the taps fn records concatenated in batch order (experts' token_idx shifted to
-        packed rows). # [N, ...] -> [N, ...]"""
+    def each(self, fn, rows, record=None, *aligned):
+        """fn(rows, record, *aligned) on the packed rows at once when the backend computes a
+        row the same whatever the batch (the Numba kernels), else entry by entry (`aligned`
+        arrays cut with the rows) with the results and the taps fn records concatenated in
+        batch order (experts' token_idx shifted to packed rows). # [N, ...] -> [N, ...]"""
         if self.packed or len(self.bounds) == 1:
-            return fn(rows, record)
+            return fn(rows, record, *aligned)
         parts, recorded = [], {}
         for a, b in self.bounds:
             def rec(name, array, a=a):
                 array = np.asarray(array)
                 recorded.setdefault(name, []).append(array + a if name.endswith(".token_idx")
                                                      else array)
-            parts.append(fn(rows[a:b], rec if record is not None else None))
+            parts.append(fn(rows[a:b], rec if record is not None else None,
+                            *(x[a:b] for x in aligned)))
         for name, arrays in recorded.items():
             record(name, np.concatenate(arrays))
         return np.concatenate(parts)

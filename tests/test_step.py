@@ -207,3 +207,86 @@ def test_serve_sim_refuses_bad_options():
         res = _cli("serve-sim", *args)
         assert res.returncode == 2, (args, res.stdout, res.stderr)
         assert res.stderr.count("\n") == 1 and fragment in res.stderr, res.stderr
+
+
+# ---------------------------------------------------------------------- the step's golden
+@pytest.fixture(scope="module")
+def step_golden(tmp_path_factory):
+    from refimpl.golden.cases import step_case
+    from refimpl.golden.format import load_case, write_case
+
+    model = refimpl.init_model("tiny-moge", seed=0, numerics="bf16")
+    entries = [([1, 5, 7, 9, 3, 3, 3, 3, 2], [11]), ([], [2, 3, 4, 5, 6]), ([8, 8, 8], [4, 5]),
+               ([], [7])]
+    case = step_case(model, entries, block_size=4, model_name="tiny-moge", seed=0)
+    path = write_case(str(tmp_path_factory.mktemp("step")), case)
+    return model, entries, path, load_case(path)
+
+
+def test_step_golden_rows_are_forward_of_each_sequence(step_golden):
+    model, entries, _, case = step_golden
+    t = case.tensors
+    np.testing.assert_array_equal(t["q_lens"], [1, 5, 2, 1])
+    np.testing.assert_array_equal(t["kv_lens"], [10, 5, 5, 1])
+    cu = np.r_[0, np.cumsum(t["q_lens"])]
+    bs = 4
+    for b, (prefix, new) in enumerate(entries):
+        kv = model.new_cache()
+        if prefix:
+            model.forward(prefix, kv)
+        taps = Taps()
+        logits = model.forward(new, kv, taps=taps)
+        np.testing.assert_array_equal(bits(t["logits"][cu[b]:cu[b + 1]]), bits(logits))
+        for name in ("layers.0.q_rope", "layers.1.attn", "layers.2.out"):
+            np.testing.assert_array_equal(bits(t[name][cu[b]:cu[b + 1]]), bits(taps[name]))
+        # the slot mapping points into the sequence's own blocks, in position order
+        pos = t["positions"][cu[b]:cu[b + 1]]
+        table = t["block_tables"][b]
+        np.testing.assert_array_equal(t["slot_mapping"][cu[b]:cu[b + 1]],
+                                      table[pos // bs].astype(np.int64) * bs + pos % bs)
+    assert np.isnan(t["layers.0.key_cache"].astype(np.float64)).any()    # unowned slots
+
+
+def test_step_golden_passes_itself_and_fails_wrong_kernels(step_golden, tmp_path):
+    from refimpl.golden.compare import Options, compare_paths
+
+    _, _, path, case = step_golden
+    t = {k: np.asarray(v) for k, v in case.tensors.items()}
+    outs = [e["name"] for e in case.entries("output")]
+
+    def judge(arrays, name):
+        d = tmp_path / name
+        d.mkdir()
+        for k in outs:
+            a = arrays.get(k, t[k])
+            np.save(d / f"{k}.npy", a.view(np.uint16) if a.dtype == refimpl.numerics.bfloat16
+                    else a)
+        return compare_paths(path, str(d), Options())
+
+    assert judge({}, "same")["verdict"] == "pass"
+    swapped = {"layers.0.key_cache_out": t["layers.0.value_cache_out"],
+               "layers.0.value_cache_out": t["layers.0.key_cache_out"]}
+    assert judge(swapped, "kv-swapped")["verdict"] == "fail"
+    # decode entry 0 attending only to its own new token, not its cached prefix
+    q = t["layers.0.q_rope"][:1]
+    k_new, v_new = t["layers.0.k_rope"][:1], t["layers.0.v"][:1]
+    attn = t["layers.0.attn"].copy()
+    attn[:1] = refimpl.ops.attention(q, k_new, v_new).reshape(1, -1)
+    report = judge({"layers.0.attn": attn}, "no-prefix")
+    assert report["verdict"] == "fail"
+
+
+def test_golden_step_cli(tmp_path):
+    res = _cli("golden", "--model", "tiny-dense", "--step", "1,2,3/4;/5,6", "--block-size", "2",
+               "--layers", "1", "--numerics", "fp32", "--out", tmp_path)
+    assert res.returncode == 0, res.stderr
+    from refimpl.golden.format import load_case
+
+    case = load_case(str(tmp_path / "tiny-dense-step-fp32"))
+    assert "--step '1,2,3/4;/5,6' --block-size 2 --layers 1" in case.manifest["command"]
+    assert "layers.1.key_cache" in case.tensors and "layers.0.key_cache" not in case.tensors
+    for args, fragment in ((["--step", "1,2/"], "at least one new token"),
+                           (["--step", "1,2"], "PREFIX/NEW"),
+                           (["--step", "/1,999999"], "outside the vocabulary")):
+        res = _cli("golden", "--model", "tiny-dense", *args, "--out", tmp_path / "x")
+        assert res.returncode == 2 and fragment in res.stderr, res.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 
 from ..io.checkpoint import is_checkpoint_dir, model_config
 from ..config import PRESET_NAMES, preset
@@ -49,8 +50,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rope-angles", choices=("exact", "float32"),
                    help="with --preset: RoPE angle mode (default: the config's)")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
-                   help="with --preset: tokens per block of the paged KV cache "
-                        "(paged_attention, reshape_and_cache)")
+                   help="tokens per block of the paged KV cache (--preset: paged_attention, "
+                        "reshape_and_cache; --model: --step)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="with --preset: change a config field (JSON value), e.g. "
                         "--set moe_intermediate_size=128 for a real-width router with small "
@@ -58,6 +59,11 @@ def add_parser(subparsers) -> None:
     ids = p.add_mutually_exclusive_group()
     ids.add_argument("--token-ids", metavar="IDS", help="with --model: token ids, e.g. 1,2,3")
     ids.add_argument("--prompt", metavar="TEXT", help="with --model: text (needs a tokenizer)")
+    ids.add_argument("--step", metavar="SPEC",
+                     help="with --model: one case of a batched Model.step over a paged cache "
+                          "(--block-size) instead of layer cases: 'PREFIX/NEW;PREFIX/NEW;...' "
+                          "per sequence, its cached prefix and this step's new token ids, "
+                          "e.g. '1,5,7,9/11;/2,3,4' (a decode and a prompt)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="with --prompt: tokenizer.model (or a directory holding one) instead "
                         "of the model's")
@@ -126,8 +132,8 @@ def _check_out(out: str) -> None:
 def _model_mode(args, export) -> list:
     if args.ops is not None or args.rope_angles is not None:
         raise InputError("--ops and --rope-angles go with --preset, not --model")
-    if args.token_ids is None and args.prompt is None:
-        raise InputError("--model needs --token-ids 1,2,3 or --prompt TEXT")
+    if args.token_ids is None and args.prompt is None and args.step is None:
+        raise InputError("--model needs --token-ids 1,2,3, --prompt TEXT or --step SPEC")
     layers = _parse_list(args.layers, "--layers") if args.layers is not None else None
     if is_checkpoint_dir(args.model):
         from ..io.streaming import load_streamed
@@ -145,6 +151,20 @@ def _model_mode(args, export) -> list:
         source = {"kind": "preset", "preset": args.model, "seed": args.seed,
                   "weights": f"refimpl.init_model('{args.model}', seed={args.seed})"}
         seed = args.seed
+    if args.step is not None:
+        from ..golden.cases import parse_step, step_case
+
+        entries = parse_step(args.step)
+        for prefix, new in entries:
+            model.check_token_ids(prefix + new)
+        command = (f"python -m refimpl golden --model {shlex.quote(args.model)} --step "
+                   f"{shlex.quote(args.step)} --block-size {args.block_size}"
+                   + (f" --layers {','.join(map(str, layers))}" if layers is not None else "")
+                   + f" --numerics {args.numerics}"
+                   + (f" --seed {seed}" if seed is not None else "") + " --out DIR")
+        return [step_case(model, entries, args.block_size, layers,
+                          model_name=model_name_of(args.model), source=source,
+                          command=command, seed=0 if seed is None else seed)]
     if args.token_ids is not None:
         from .run import parse_token_ids
 

@@ -1133,6 +1133,131 @@ def _model_cases(model, token_ids, layers, model_name, source, command, seed,
     yield case
 
 
+def parse_step(text: str) -> list:
+    """--step 'PREFIX/NEW;PREFIX/NEW;...' -> [(prefix ids, new ids), ...]: each entry a
+    sequence whose PREFIX (maybe empty) is already cached and whose NEW tokens (at least one)
+    this step runs."""
+    entries = []
+    for part in text.split(";"):
+        if part.count("/") != 1:
+            raise InputError(f"--step {text!r}: each entry is PREFIX/NEW token ids, e.g. "
+                             "'1,5,7/9;/2,3' (a cached prefix 1,5,7 decoding 9; a new prompt 2,3)")
+        prefix, new = ([int(t) for t in side.replace(" ", "").split(",") if t]
+                       if side.strip() else [] for side in part.split("/"))
+        if not new:
+            raise InputError(f"--step {text!r}: every entry needs at least one new token")
+        entries.append((prefix, new))
+    return entries
+
+
+def step_case(model, entries, block_size: int, layers=None, model_name: str = "model",
+              source: dict | None = None, command: str = "", seed: int = 0) -> Case:
+    """The packed taps of one `Model.step`: sequences with cached prefixes (run in an earlier
+    step) and this step's new tokens, over a paged cache whose blocks are handed out in a
+    seeded shuffled order. Inputs: the packed token ids, positions, slot mapping, lengths,
+    block tables and each selected layer's caches as the step finds them; outputs: every tap
+    of the step (per layer, rows in batch order), each layer's caches after it, the logits;
+    references from the same two steps in float64 with this run's expert selection forced."""
+    with single_threaded_blas():
+        return _step_case(model, entries, block_size, layers, model_name, source, command,
+                          seed)
+
+
+def _step_case(model, entries, block_size, layers, model_name, source, command, seed):
+    c = model.config
+    layers = list(range(c.num_hidden_layers)) if layers is None else sorted(set(layers))
+    for i in layers:
+        if not 0 <= i < c.num_hidden_layers:
+            raise InputError(f"--layers: layer {i} is not in [0, {c.num_hidden_layers})")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise InputError(f"--block-size must be a positive integer, got {block_size}")
+    mode = model.numerics
+    need = sum(-(-(len(p) + len(n)) // block_size) for p, n in entries)
+    num_blocks = need + 2
+    order = tensor_rng(seed, "golden.step.blocks").permutation(num_blocks)
+    ref = reference_model(model)
+    caches = [m.new_paged_cache(num_blocks, block_size, order) for m in (model, ref)]
+    seqs = [f"s{b}" for b in range(len(entries))]
+    prefix = [(s, p) for s, (p, _) in zip(seqs, entries) if p]
+    if prefix:                   # the earlier step that cached the prefixes
+        ptaps = Taps([], routing=True)
+        model.step(prefix, caches[0], taps=ptaps)
+        ref.step(prefix, caches[1], expert_ids=ptaps.routing)
+    before = {i: (caches[0].key_cache[i].copy(), caches[0].value_cache[i].copy())
+              for i in layers}
+    batch = [(s, n) for s, (_, n) in zip(seqs, entries)]
+    taps = Taps(layers, routing=True)
+    model.step(batch, caches[0], taps=taps)
+    rtaps = Taps(layers)
+    ref.step(batch, caches[1], taps=rtaps, expert_ids=taps.routing)
+    q_lens = taps["q_lens"]
+    case = Case(
+        name=f"{model_name}-step-{mode}", operator="batched_step",
+        description=f"one scheduler step over a paged KV cache: {len(entries)} sequences "
+                    f"({int((q_lens == 1).sum())} decoding one token, the others prefilling "
+                    f"{', '.join(str(int(n)) for n in q_lens if n > 1) or 'none'} tokens) "
+                    "packed along one axis; every tap of the selected layers",
+        parameters={"entries": [{"cached_prefix": p, "new_tokens": n} for p, n in entries],
+                    "block_size": block_size, "num_blocks": num_blocks, "layers": layers,
+                    "layout": "tokens packed in batch order: entry b owns rows cu[b] .. "
+                              "cu[b+1]-1 (cu = cumsum of q_lens); key/value caches [num_blocks,"
+                              " block_size, kv_heads, D] per layer, NaN where no sequence "
+                              "wrote; block_tables int32 [B, max_blocks] padded with -1",
+                    "attention": "entries of one new token: paged_attention through their "
+                                 "block tables; the others: attention_varlen over their "
+                                 "positions 0 .. kv_lens[b]-1 read through their tables",
+                    "equals": "each entry's rows are Model.forward of its new tokens with its "
+                              "prefix cached, bit for bit (tests/test_step.py)",
+                    "reference": "NAME.ref64: the same steps in float64" + (
+                        " with this run's expert selection forced" if c.is_moge else ""),
+                    **({"routing": "expert_ids per MoGE layer judged with near-ties (compare "
+                                   "--routing); a token decided the other way at a near-tie "
+                                   "has its rows left out from that layer on, but the later "
+                                   "tokens of its sequence read its keys in later layers and "
+                                   "may still move: for verdicts robust to near-ties use the "
+                                   "layer cases"} if c.is_moge else {})},
+        numerics=numerics_entry(mode, ["embedding"] + _LAYER_CAST_OPS
+                                + (_MOE_CAST_OPS if c.is_moge else []) + ["logits"]),
+        seed=seed, source=dict(source or {}, config=c.to_hf_dict()), command=command,
+        criterion={"default": "k-error (exact for integers and cache copies)", "why": _WHY_K})
+    case.add("token_ids", np.concatenate([np.asarray(n, np.int64) for _, n in entries]),
+             "input")
+    for name in ("positions", "slot_mapping", "q_lens", "kv_lens", "block_tables"):
+        case.add(name, taps[name].astype(np.int32 if name == "block_tables" else np.int64),
+                 "input")
+    for i in layers:
+        case.add(f"layers.{i}.key_cache", before[i][0], "input",
+                 note="the layer's key cache as the step finds it (the prefixes)")
+        case.add(f"layers.{i}.value_cache", before[i][1], "input")
+    routed = False          # from the first MoGE layer on, rows depend on the selection
+    for name in taps:
+        if name in ("positions", "slot_mapping", "q_lens", "kv_lens", "block_tables"):
+            continue
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        tap = name.split(".", 2)[2] if layer is not None else name
+        out, r = taps[name], rtaps.arrays.get(name)
+        if tap == "expert_ids":
+            routed = True
+            add_routing(case, name, taps[f"layers.{layer}.router_logits"], out,
+                        rtaps[f"layers.{layer}.router_logits"], c.num_groups, False,
+                        _produced_by(c, layer, "expert_ids"))
+            continue
+        if r is None or r.shape != out.shape or not is_float(out.dtype):
+            r = None
+        crit = k_error(name) if r is not None else (ALLCLOSE if is_float(out.dtype) else EXACT)
+        dependence = (_routing_dependence(True, tap) if layer is not None and
+                      c.layer_is_moe(layer) else None)
+        if routed and dependence is None and is_float(out.dtype):
+            dependence = "rows"
+        add_output(case, name, out, r, crit, None, routing=dependence)
+    for i in layers:
+        for part, cache in (("key", caches[0].key_cache[i]), ("value", caches[0].value_cache[i])):
+            case.add(f"layers.{i}.{part}_cache_out", cache, "output",
+                     criterion={"name": "allclose"}, tolerance={"rtol": 0.0, "atol": 0.0},
+                     note="the cache after the step wrote its keys (a copy; NaN elsewhere)")
+    return case
+
+
 def model_command(spec: str, ids, prompt, layers, mode, seed, include_weights, export,
                   tokenizer=None) -> str:
     """The command recorded in a model case's manifest (--out left as DIR; seed None for a
@@ -1159,7 +1284,7 @@ def model_name_of(spec: str) -> str:
     return os.path.basename(os.path.normpath(spec)) or "model"
 
 
-__all__ = ["OPERATORS", "MOGE_OPERATORS", "PAGED_OPERATORS", "DEFAULT_BLOCK_SIZE",
+__all__ = ["parse_step", "step_case", "OPERATORS", "MOGE_OPERATORS", "PAGED_OPERATORS", "DEFAULT_BLOCK_SIZE",
            "varlen_lengths", "paged_context_lens", "operator_cases", "model_cases", "iter_model_cases",
            "parse_ops",
            "available_operators", "reference_model", "model_command", "model_name_of",

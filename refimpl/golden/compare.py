@@ -206,7 +206,8 @@ def metrics(c: np.ndarray, g: np.ndarray, rtol: float, atol: float) -> dict:
     with np.errstate(invalid="ignore", divide="ignore"):
         rel = err / np.maximum(np.abs(g64), tiny)
     rel = np.where(err == 0, 0.0, rel)
-    mismatch = ~(err <= atol + rtol * np.abs(g64))
+    with np.errstate(invalid="ignore"):
+        mismatch = ~((err == 0) | (err <= atol + rtol * np.abs(g64)))   # NaN == NaN: no error
     n = int(err.size)
     worst = int(np.argmax(err)) if n else 0
     ulps = ulp_distance(c.reshape(-1), g.reshape(-1))
