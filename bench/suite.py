@@ -1,6 +1,6 @@
 """Benchmarks: the NumPy spec vs the Numba kernels vs PyTorch CPU eager, in one run.
 
-`python -m refimpl bench [--quick] [--only ops|e2e|moe|compile] [--repeat N]` prints:
+`python -m refimpl bench [--quick] [--only ops|e2e|moe|compile|longctx] [--repeat N]` prints:
 
 * compile: first-call compile time of every kernel per dtype (empty Numba cache, in a fresh
   process) and the time to load them from the cache;
@@ -12,7 +12,11 @@
   each configuration in its own process (numpy/numba via `refimpl.init_model`, torch via
   transformers' LlamaForCausalLM with the same config and the same weights);
 * moe: the Pro-MoE MoGE block for 512 tokens against computing all 64 experts, and against
-  the cost of its active experts alone.
+  the cost of its active experts alone;
+* longctx: a causal prefill of 32768 tokens (--quick: 4096) at the Embedded-1B attention shape
+  (12 query / 6 KV heads of 128), bf16: the spec's blocked attention (time and the process's
+  peak RSS, against the 51 GB its unblocked scores would take), the Numba blocked and flash
+  kernels, and torch's scaled_dot_product_attention, each in its own process.
 
 Prefill times are for a forward over T tokens into an empty KV cache that returns the last
 token's logits (refimpl: last_only=True; transformers: logits_to_keep=1), the work a
@@ -539,6 +543,88 @@ def worker_moe(args) -> dict:
     return res
 
 
+LONGCTX_SHAPE = dict(heads=12, kv_heads=6, head_dim=128)
+
+
+def worker_longctx(args) -> dict:
+    """One backend's causal prefill at the long context, in this fresh process."""
+    T = 4096 if args.quick else 32768
+    H, Hkv, D = (LONGCTX_SHAPE[k] for k in ("heads", "kv_heads", "head_dim"))
+    dt = storage_dtype(args.numerics)
+    rng = np.random.default_rng(0)
+    q, k, v = (_rand(rng, (T, h, D), dt) for h in (H, Hkv, Hkv))
+    res = {"tokens": T, "backend": args.backend, "numerics": args.numerics,
+           "inputs_mib": (q.nbytes + k.nbytes + v.nbytes) / 2**20,
+           "unblocked_scores_gib": H * T * T * 4 / 2**30}
+    if args.backend == "numpy":
+        from refimpl import ops
+
+        fns = {"spec": lambda: ops.attention(q, k, v)}
+    elif args.backend == "numba":
+        from refimpl import kernels as K
+
+        K.attention(q[:64], k[:64], v[:64])
+        K.attention(q[:64], k[:64], v[:64], flash=True)   # compiled or loaded before timing
+        fns = {"numba": lambda: K.attention(q, k, v),
+               "numba_flash": lambda: K.attention(q, k, v, flash=True)}
+    else:
+        torch = torch_or_none()
+        if torch is None:
+            return {**res, "error": "torch is not installed"}
+        tq, tk, tv = (_to_torch(torch, a).transpose(0, 1)[None] for a in (q, k, v))
+        tk, tv = (a.repeat_interleave(H // Hkv, dim=1) for a in (tk, tv))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        fns = {"torch_sdpa": lambda: sdpa(tq, tk, tv, is_causal=True)}
+    base = rss_bytes()
+    for name, fn in fns.items():
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        with (torch_or_none().inference_mode() if args.backend == "torch" else _nothing()):
+            fn()
+        res[f"{name}_s"] = time.perf_counter() - t0
+        res[f"{name}_peak_rss_mib"] = peak_rss_bytes() / 2**20
+        res[f"{name}_rss_before_mib"] = base / 2**20
+    return res
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def bench_longctx(args, out: dict) -> None:
+    T = 4096 if args.quick else 32768
+    _section(f"longctx: causal prefill of {T} tokens, 12/6 heads of 128, bf16, one run each "
+             "(fresh process per backend)")
+    rows = {}
+    for backend in ("numpy", "numba", "torch"):
+        res = run_worker("longctx", ["--backend", backend, "--numerics", "bf16"]
+                         + (["--quick"] if args.quick else []))
+        rows[backend] = res
+        if "error" in res:
+            print(f"  {backend}: {res['error']}")
+    out["longctx"] = rows
+    spec = rows["numpy"]
+    if "spec_s" in spec:
+        print(f"  inputs q, k, v: {spec['inputs_mib']:.0f} MiB; unblocked [heads, T, S] float32 "
+              f"scores would be {spec['unblocked_scores_gib']:.1f} GiB")
+        print(f"  spec ops.attention (blocked): {spec['spec_s']:8.1f} s   peak RSS "
+              f"{spec['spec_peak_rss_mib']:.0f} MiB (process before the call: "
+              f"{spec['spec_rss_before_mib']:.0f} MiB)")
+    for backend, key, label in (("numba", "numba", "numba attention (blocked)"),
+                                ("numba", "numba_flash", "numba attention flash=True"),
+                                ("torch", "torch_sdpa", "torch sdpa (is_causal)")):
+        r = rows[backend]
+        if f"{key}_s" in r:
+            ratio = f"   spec / this = {spec['spec_s'] / r[f'{key}_s']:.1f}x" \
+                if "spec_s" in spec else ""
+            print(f"  {label:<28}{r[f'{key}_s']:8.1f} s   peak RSS "
+                  f"{r[f'{key}_peak_rss_mib']:.0f} MiB{ratio}")
+
+
 # ============================================================================ driver
 def run_worker(kind: str, extra: list[str], env=None, timeout=3600) -> dict:
     """Run `python -m refimpl.bench worker KIND ...` and return its JSON result."""
@@ -718,8 +804,9 @@ def run(args) -> dict:
     if m["loadavg_1min"] > 0.5:
         print(f"  warning: load average {m['loadavg_1min']} > 0.5 - other jobs share the CPUs, "
               "timings are inflated")
-    sections = {"compile": bench_compile, "ops": bench_ops, "e2e": bench_e2e, "moe": bench_moe}
-    for name in ([args.only] if args.only else ["compile", "ops", "e2e", "moe"]):
+    sections = {"compile": bench_compile, "ops": bench_ops, "e2e": bench_e2e, "moe": bench_moe,
+                "longctx": bench_longctx}
+    for name in ([args.only] if args.only else list(sections)):
         sections[name](args, out)
     if args.json:
         tmp = f"{args.json}.tmp{os.getpid()}"
@@ -732,7 +819,8 @@ def run(args) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="fewer shapes, 4 of 26 layers end to end, 128-token MoE")
-    p.add_argument("--only", choices=["compile", "ops", "e2e", "moe"], help="one section")
+    p.add_argument("--only", choices=["compile", "ops", "e2e", "moe", "longctx"],
+                   help="one section")
     p.add_argument("--repeat", type=int, default=None,
                    help="timed runs per measurement, median reported (default 3, quick 1)")
     p.add_argument("--numerics", choices=["fp32", "bf16", "fp16", "fp64"], default="bf16",
@@ -744,7 +832,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _worker_main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m refimpl.bench worker")
-    p.add_argument("kind", choices=["compile", "ops", "e2e", "moe"])
+    p.add_argument("kind", choices=["compile", "ops", "e2e", "moe", "longctx"])
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--numerics", default="bf16")
     p.add_argument("--quick", action="store_true")
@@ -752,7 +840,7 @@ def _worker_main(argv) -> int:
     p.add_argument("--save-logits")
     args = p.parse_args(argv)
     fn = {"compile": worker_compile, "ops": worker_ops, "e2e": worker_e2e,
-          "moe": worker_moe}[args.kind]
+          "moe": worker_moe, "longctx": worker_longctx}[args.kind]
     result = fn(args)
     print("RESULT " + json.dumps(result, default=float), flush=True)
     return 0

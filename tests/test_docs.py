@@ -76,3 +76,15 @@ def test_readme_opens_with_the_two_setup_commands():
     assert "-rs" in lines[test + 1].split("pytest", 1)[1]  # CI prints the skip list
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "# run the tests" in ci
+
+
+def test_readme_api_snippet_runs():
+    """The README's API block, as written (from the repository root, where its paths are)."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## The API\n\n```python\n(.*?)```", text, re.S).group(1)
+    assert "model.step(" in block and "new_paged_cache" in block
+    r = subprocess.run([sys.executable, "-c", block], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
