@@ -1,6 +1,7 @@
-"""Attention with GQA (no K/V copies per query head): decode, blocked prefill and flash kernels.
+"""Attention with GQA (no K/V copies per query head): decode, blocked prefill, packed
+variable-length, paged decode and flash kernels.
 
-Both read KV head h // (Hq / Hkv) for query head h straight from k and v, and both round the
+All read KV head h // (Hq / Hkv) for query head h straight from k and v, and all round the
 scores as the spec does: s = round(round(q . k) * scale) in the storage dtype. Float32 exp is
 `_dtypes.exp32` (vectorisable, within 1 ulp).
 
@@ -15,6 +16,12 @@ scores as the spec does: s = round(round(q . k) * scale) in the storage dtype. F
   points, as `_attn_row`. It equals the spec bit for bit wherever the sums are exact
   (tests/test_kernels.py, exact inputs) and differs otherwise only in summation order and
   exp, like the decode kernel.
+* `_varlen` (`attention_varlen`): packed sequences, one parallel loop over every (sequence,
+  head, block of BQ queries) task of the batch; each task is `_block_rows` (the blocked
+  prefill's rows) on its sequence's slices, keys transposed per sequence from a block of
+  their own, so every sequence equals the blocked kernel on it alone, bit for bit.
+* `_paged` (`paged_attention`): decode through block tables in place, `_attn_row`'s dot
+  products and key order block by block: bit-equal to the decode kernel on gathered keys.
 * `_flash` (`flash=True`): one task per (head, block of BQ queries), keys in blocks of BK, an
   online softmax with running max m and sum l, never holding more than BQ x BK scores.
   Deliberate differences from the spec: the probabilities are *not* rounded to the storage
