@@ -9,6 +9,7 @@ from .attention import attention, attention_query_blocks, causal_mask
 from .basic import add, embedding, linear, silu, softmax
 from .mlp import silu_and_mul, swiglu
 from .moe import moe_block, moge_route, near_ties, routing_margins
+from .moe_stages import group_bounds, grouped_matmul, moe_combine, moe_dispatch
 from .norm import rms_norm
 from .rope import apply_rope, apply_rope_interleaved, rope_tables, rotate_half
 from .sampling import sample

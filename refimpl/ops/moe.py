@@ -7,7 +7,8 @@ import numpy as np
 from ..errors import InputError
 from ..numerics import round_to, to_accum
 from .basic import linear, softmax
-from .mlp import swiglu
+from .mlp import silu_and_mul, swiglu
+from .moe_stages import grouped_matmul, moe_dispatch
 
 
 def _group_size(num_experts: int, num_groups: int) -> int:
@@ -116,7 +117,10 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     # x [T, H], gate_weight [E, H], router_scale [1, E] -> [T, H]
     `experts[e]` gives expert e's (w_gate, w_up, w_down) and is read only for selected
     experts (so a lazy, memory-mapped sequence is touched only where routing sends tokens);
-    `shared_expert` is its (w_gate, w_up, w_down). Accumulation follows Hugging Face's
+    `shared_expert` is its (w_gate, w_up, w_down). Computed in the serving stages
+    (`refimpl.ops.moe_stages`): dispatch (v1), grouped matmuls for gate and up, SwiGLU,
+    grouped matmul for down; each expert's rows are its tokens in ascending order, so each
+    product is the one `swiglu(x[tokens])` computes. Accumulation follows Hugging Face's
     index_add_ in the activation dtype: selected experts in ascending id order, each
     weighted output rounded, then added and rounded; the shared expert is added last.
     `expert_ids` [T, G], if given, forces the selection (see `moge_route`).
@@ -124,18 +128,28 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     each selected expert's token indices, input and output.
     """
     dt = x.dtype
+    T = x.shape[0]
     router_logits = linear(x, gate_weight)                        # [T, E]
+    E = router_logits.shape[1]
     expert_ids, weights = moge_route(router_logits, router_scale, num_groups, expert_ids)
     weights_s = weights.astype(dt)                                # [T, G]
     if record:
         record("router_logits", router_logits)
         record("expert_ids", expert_ids)
         record("expert_weights", weights)
+    # dispatch -> grouped matmuls (gate, up; SwiGLU; down) -> combine in HF's order
+    d = moe_dispatch(expert_ids, E, "v1", x)                      # slot(t, k) = k*T + t
+    rows = d["expanded_x"]                                        # [T*G, H] by expert
+    group_list = d["expert_cumsum"]
+    gate = grouped_matmul(rows, _ExpertWeights(experts, 0, E), group_list)
+    up = grouped_matmul(rows, _ExpertWeights(experts, 1, E), group_list)
+    down = grouped_matmul(silu_and_mul(gate, up), _ExpertWeights(experts, 2, E), group_list)
+    bounds = np.r_[0, group_list]
     y = np.zeros_like(to_accum(x))                                # [T, H], values in dt
-    for e in np.unique(expert_ids):
-        tok, slot = np.nonzero(expert_ids == e)                   # tokens routed to e
-        w_gate, w_up, w_down = experts[int(e)]
-        out = swiglu(x[tok], w_gate, w_up, w_down)                # [n_e, H]
+    for e in np.flatnonzero(d["expert_counts"]):                  # ascending expert id
+        src = d["sorted_row_idx"][bounds[e]:bounds[e + 1]]
+        tok, slot = src % T, src // T                             # tokens in ascending order
+        out = down[bounds[e]:bounds[e + 1]]                       # [n_e, H] = expert(x[tok])
         contrib = round_to(to_accum(out) * to_accum(weights_s[tok, slot])[:, None], dt)
         y[tok] = round_to(y[tok] + contrib, dt)
         if record:
@@ -146,3 +160,16 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     if record:
         record("shared_expert_out", shared)
     return round_to(y + to_accum(shared), dt).astype(dt)
+
+
+class _ExpertWeights:
+    """weights[e] = experts[e][part] (0 gate, 1 up, 2 down), read only when asked for."""
+
+    def __init__(self, experts, part: int, num_experts: int):
+        self.experts, self.part, self.n = experts, part, num_experts
+
+    def __getitem__(self, e):
+        return self.experts[int(e)][self.part]
+
+    def __len__(self):
+        return self.n
