@@ -104,7 +104,9 @@ def _combine(expert_out, rows, w, shared, par, out):
 
 
 def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, experts,
-              shared_expert, num_groups: int, record=None, expert_ids=None) -> np.ndarray:
+              shared_expert, num_groups: int, record=None, expert_ids=None,
+              router_softmax_dtype: str = "float32",
+              weight_point: str = "after_down") -> np.ndarray:
     """y = sum_g round(w_g) * Expert_{e_g}(x) + SharedExpert(x), as `refimpl.ops.moe_block`.
 
     # x [T, H], gate_weight [E, H], router_scale [1, E] -> [T, H]
@@ -113,7 +115,14 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     are never read from `experts`. The weighted outputs are added per token in ascending
     expert id with the spec's roundings, then the shared expert. `record` receives the same
     names as the spec. `expert_ids` [T, G] forces the selection (`refimpl.ops.moge_route`).
+    The vllm-ascend conventions (router_softmax_dtype="activation", weight_point=
+    "before_down") have no kernel yet: the spec computes them.
     """
+    if (router_softmax_dtype, weight_point) != ("float32", "after_down"):
+        return spec.moe_block(x, gate_weight, router_scale, experts, shared_expert, num_groups,
+                              record=record, expert_ids=expert_ids,
+                              router_softmax_dtype=router_softmax_dtype,
+                              weight_point=weight_point)
     x = np.asarray(x)
     check_dtype(x, "moe_block")
     dt = x.dtype

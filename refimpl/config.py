@@ -12,6 +12,13 @@ Switches for facts MODEL-SPEC marks *uncertain*, or that have two conventions:
   float64 and rounds cos/sin once; ``"float32"`` reproduces Hugging Face's recipe (inv_freq
   and angle in float32), which drifts by ~1e-3 rad at position 30000.
 * ``rope_theta`` of Pro-MoE defaults to 1.6e7 (taken from the configuration class defaults).
+* The numerics conventions where Hugging Face eager and the vllm-ascend serving path differ
+  (DEPLOYMENT.md section 1), each a switch whose default is Hugging Face's:
+  ``router_softmax_dtype`` (``float32`` | ``activation``), ``moe_weight_point``
+  (``after_down`` | ``before_down``), ``residual_rounding`` (``hf`` | ``fused_add_norm``).
+  A profile sets them together: ``refimpl_conventions`` in config.json (or ``--conventions``
+  on the command line) is ``hf`` or ``vllm-ascend`` (CONVENTION_PROFILES); an individual
+  ``refimpl_*`` key given beside it wins, and the config then reports ``custom``.
 """
 
 from __future__ import annotations
@@ -32,9 +39,21 @@ _MODEL_TYPE_BY_FAMILY = {DENSE: "PanguEmbedded", MOGE: "PanguProMoE"}
 _ARCH_BY_FAMILY = {DENSE: "PanguEmbeddedForCausalLM", MOGE: "PanguProMoEForCausalLM"}
 _FAMILY_BY_ARCH = {arch: fam for fam, arch in _ARCH_BY_FAMILY.items()}
 ROPE_ANGLE_MODES = ("exact", "float32")
+#: profile name -> its switches (the first is the default)
+CONVENTION_PROFILES = {
+    "hf": {"router_softmax_dtype": "float32", "moe_weight_point": "after_down",
+           "residual_rounding": "hf"},
+    "vllm-ascend": {"router_softmax_dtype": "activation", "moe_weight_point": "before_down",
+                    "residual_rounding": "fused_add_norm"},
+}
+CONVENTION_CHOICES = {"router_softmax_dtype": ("float32", "activation"),
+                      "moe_weight_point": ("after_down", "before_down"),
+                      "residual_rounding": ("hf", "fused_add_norm")}
+#: the refimpl switches: dataclass fields written as refimpl_<name> in config.json
+SWITCHES = ("rope_angles",) + tuple(CONVENTION_CHOICES)
 _TORCH_DTYPES = ("bfloat16", "float16", "float32", "float64")
 #: dataclass field -> its config.json name where they differ
-_HF_NAME = {"rope_angles": "refimpl_rope_angles"}
+_HF_NAME = {name: f"refimpl_{name}" for name in SWITCHES}
 
 
 def _is_int(v) -> bool:
@@ -112,6 +131,24 @@ class ModelConfig:
     mlp_only_layers: tuple = ()
     # refimpl switches (not in the Hugging Face config; written under "refimpl_" keys)
     rope_angles: str = "exact"
+    router_softmax_dtype: str = "float32"
+    moe_weight_point: str = "after_down"
+    residual_rounding: str = "hf"
+
+    @property
+    def conventions(self) -> str:
+        """The profile whose switches these are ("hf", "vllm-ascend"), else "custom"."""
+        for name, switches in CONVENTION_PROFILES.items():
+            if all(getattr(self, k) == v for k, v in switches.items()):
+                return name
+        return "custom"
+
+    def with_conventions(self, profile: str) -> "ModelConfig":
+        """This config under a named profile (CONVENTION_PROFILES)."""
+        if profile not in CONVENTION_PROFILES:
+            raise ConfigError(f"conventions {profile!r}: choose one of "
+                              f"{', '.join(CONVENTION_PROFILES)}")
+        return dataclasses.replace(self, **CONVENTION_PROFILES[profile])
 
     def __post_init__(self):
         if self.head_dim is None and _is_int(self.hidden_size) and \
@@ -180,7 +217,7 @@ class ModelConfig:
             value = getattr(self, name)
             need(isinstance(value, bool), _HF_NAME.get(name, name),
                  f"must be true or false, got {value!r}")
-        for name in ("hidden_act", "torch_dtype", "rope_angles"):
+        for name in ("hidden_act", "torch_dtype") + SWITCHES:
             value = getattr(self, name)
             need(isinstance(value, str), _HF_NAME.get(name, name),
                  f"must be a string, got {value!r}")
@@ -213,6 +250,9 @@ class ModelConfig:
              f"only 'silu' is specified, got {self.hidden_act!r}")
         need(self.rope_angles in ROPE_ANGLE_MODES, "refimpl_rope_angles",
              f"must be one of {ROPE_ANGLE_MODES}, got {self.rope_angles!r}")
+        for name, choices in CONVENTION_CHOICES.items():
+            need(getattr(self, name) in choices, _HF_NAME[name],
+                 f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name, values in (("bos_token_id", [self.bos_token_id]),
                              ("eos_token_id", self.eos_token_ids),
                              ("pad_token_id", [self.pad_token_id])):
@@ -252,7 +292,7 @@ class ModelConfig:
             raise ConfigError(
                 f"config field 'model_type': {d.get('model_type')!r} (architectures "
                 f"{d.get('architectures')!r}) is not PanguEmbedded or PanguProMoE")
-        names = {f.name for f in dataclasses.fields(cls)} - {"family", "rope_angles"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"family", *SWITCHES}
         kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
         required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
         for name in required:
@@ -274,8 +314,15 @@ class ModelConfig:
                               f"indices, got {kwargs['mlp_only_layers']!r}")
         if family == MOGE and "rope_theta" not in d:
             kwargs["rope_theta"] = 16_000_000.0
-        if "refimpl_rope_angles" in d:
-            kwargs["rope_angles"] = d["refimpl_rope_angles"]
+        if "refimpl_conventions" in d:
+            profile = d["refimpl_conventions"]
+            if not isinstance(profile, str) or profile not in CONVENTION_PROFILES:
+                raise ConfigError(f"config field 'refimpl_conventions': must be one of "
+                                  f"{', '.join(CONVENTION_PROFILES)}, got {profile!r}")
+            kwargs.update(CONVENTION_PROFILES[profile])
+        for name in SWITCHES:
+            if _HF_NAME[name] in d:
+                kwargs[name] = d[_HF_NAME[name]]
         for name in ("rms_norm_eps", "rope_theta"):
             if name in kwargs and _is_int(kwargs[name]):
                 kwargs[name] = float(kwargs[name])
@@ -289,13 +336,16 @@ class ModelConfig:
         d = {"architectures": [_ARCH_BY_FAMILY[self.family]],
              "model_type": _MODEL_TYPE_BY_FAMILY[self.family]}
         for f in dataclasses.fields(self):
-            if f.name in ("family", "rope_angles"):
+            if f.name == "family" or f.name in SWITCHES:
                 continue
             value = getattr(self, f.name)
             if value is None or (f.name == "mlp_only_layers" and not self.is_moge):
                 continue
             d[f.name] = list(value) if isinstance(value, tuple) else value
-        d["refimpl_rope_angles"] = self.rope_angles
+        for name in SWITCHES:
+            d[_HF_NAME[name]] = getattr(self, name)
+        if self.conventions != "custom":
+            d["refimpl_conventions"] = self.conventions
         return d
 
     @classmethod

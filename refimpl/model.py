@@ -163,17 +163,23 @@ class Model:
             attn = ops.attention(q, k_all, v_all, causal=True).reshape(T, Hq * D)  # [T, Hq*D]
         o = each(lambda rows, _: ops.linear(rows, self.w(a + "o_proj.weight"),
                                             self._opt(a + "o_proj.bias")), attn)
-        h = ops.add(x, o)                                    # [T, H]
+        w_post = self.w(p + "post_attention_layernorm.weight")
+        if c.residual_rounding == "fused_add_norm":          # the serving path's fused kernel
+            n2, h, _ = ops.add_rms_norm(o, x, w_post, c.rms_norm_eps)
+        else:
+            h = ops.add(x, o)                                # [T, H]
+            n2 = ops.rms_norm(h, w_post, c.rms_norm_eps)
         rec("attn", attn), rec("attn_out", o), rec("resid_mid", h)
 
-        n2 = ops.rms_norm(h, self.w(p + "post_attention_layernorm.weight"), c.rms_norm_eps)
         rec("post_norm", n2)
         if c.layer_is_moe(i):
             m = each(lambda rows, rec, forced=None: ops.moe_block(
                 rows, self.w(p + "mlp.gate.weight"), self.w(p + "mlp.router_scale"),
                 _LayerExperts(self, p + "mlp.experts."),
                 self._swiglu_weights(p + "mlp.shared_expert."), c.num_groups, record=rec,
-                expert_ids=forced), n2, record, *([] if expert_ids is None else [expert_ids]))
+                expert_ids=forced, router_softmax_dtype=c.router_softmax_dtype,
+                weight_point=c.moe_weight_point),
+                n2, record, *([] if expert_ids is None else [expert_ids]))
         else:
             m = each(lambda rows, _: ops.swiglu(rows, *self._swiglu_weights(p + "mlp.")), n2)
         y = ops.add(h, m)                                    # [T, H]

@@ -7,12 +7,13 @@ import os
 import shlex
 
 from ..io.checkpoint import is_checkpoint_dir, model_config
-from ..config import PRESET_NAMES, preset
+from ..config import CONVENTION_PROFILES, PRESET_NAMES, preset
 from ..errors import InputError
 from ..golden import DEFAULT_BLOCK_SIZE, OPERATORS, iter_model_cases, model_command, \
     model_name_of, operator_cases, parse_ops
 from ..golden.format import EXPORTS, write_case
 from ..numerics import MODES
+from .run import add_conventions_argument, apply_conventions
 
 
 def add_parser(subparsers) -> None:
@@ -52,6 +53,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
                    help="tokens per block of the paged KV cache (--preset: paged_attention, "
                         "reshape_and_cache; --model: --step)")
+    add_conventions_argument(p)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="with --preset: change a config field (JSON value), e.g. "
                         "--set moe_intermediate_size=128 for a real-width router with small "
@@ -151,6 +153,9 @@ def _model_mode(args, export) -> list:
         source = {"kind": "preset", "preset": args.model, "seed": args.seed,
                   "weights": f"refimpl.init_model('{args.model}', seed={args.seed})"}
         seed = args.seed
+    apply_conventions(model, args)
+    if args.conventions:
+        source["conventions"] = args.conventions
     if args.step is not None:
         from ..golden.cases import parse_step, step_case
 
@@ -161,7 +166,9 @@ def _model_mode(args, export) -> list:
                    f"{shlex.quote(args.step)} --block-size {args.block_size}"
                    + (f" --layers {','.join(map(str, layers))}" if layers is not None else "")
                    + f" --numerics {args.numerics}"
-                   + (f" --seed {seed}" if seed is not None else "") + " --out DIR")
+                   + (f" --seed {seed}" if seed is not None else "")
+                   + (f" --conventions {args.conventions}" if args.conventions else "")
+                   + " --out DIR")
         return [step_case(model, entries, args.block_size, layers,
                           model_name=model_name_of(args.model), source=source,
                           command=command, seed=0 if seed is None else seed)]
@@ -176,6 +183,8 @@ def _model_mode(args, export) -> list:
             source["tokenizer"] = args.tokenizer
     command = model_command(args.model, ids, args.prompt, layers, args.numerics, seed,
                             not args.no_weights, export, args.tokenizer)
+    if args.conventions:
+        command = command.replace(" --out DIR", f" --conventions {args.conventions} --out DIR")
     return iter_model_cases(model, ids, layers, model_name=model_name_of(args.model),
                             source=source, command=command, seed=seed,
                             include_weights=not args.no_weights)
@@ -203,6 +212,8 @@ def main(args) -> int:
         if args.no_weights:
             raise InputError("--no-weights goes with --model, not --preset")
         overrides = parse_overrides(args.set)
+        if args.conventions:
+            overrides = {**CONVENTION_PROFILES[args.conventions], **overrides}
         config = preset(args.preset, **overrides)
         ops = parse_ops(args.ops, config, args.preset)
         cases = operator_cases(args.preset, ops, args.numerics, seed=args.seed,

@@ -12,6 +12,7 @@ from ..io.checkpoint import DEFAULT_MODEL_DIR, checkpoint_files, is_checkpoint_d
     model_config
 from ..config import PRESET_NAMES, parameter_count
 from ..errors import InputError
+from .run import add_conventions_argument
 from ..numerics import MODES, storage_dtype
 
 KV_TOKENS = 1000
@@ -29,11 +30,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL_DIR, metavar="DIR|PRESET",
                    help=f"checkpoint directory or preset ({', '.join(PRESET_NAMES)})")
     p.add_argument("--layers", type=int, metavar="N", help="only the first N layers")
+    add_conventions_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.set_defaults(func=main)
 
 
-def model_info(spec: str, layers: int | None = None) -> dict:
+def model_info(spec: str, layers: int | None = None, conventions: str | None = None) -> dict:
     """The facts `info` prints, as a dict."""
     if layers is not None and layers < 1:
         raise InputError(f"--layers must be at least 1, got {layers}")
@@ -52,6 +54,8 @@ def model_info(spec: str, layers: int | None = None) -> dict:
     else:
         config = model_config(spec, layers)
         source = f"preset {spec} (seeded random weights)"
+    if conventions is not None:
+        config = config.with_conventions(conventions)
     total = parameter_count(config)
     active = parameter_count(config, active=True) if config.is_moge else total
     per_token_kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
@@ -76,7 +80,7 @@ def _count(n: int) -> str:
 
 
 def main(args) -> int:
-    info = model_info(args.model, args.layers)
+    info = model_info(args.model, args.layers, args.conventions)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

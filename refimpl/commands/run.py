@@ -11,7 +11,7 @@ import time
 from ..backend import BACKENDS
 from ..io.checkpoint import (DEFAULT_MODEL_DIR, TOKENIZER_NAME, is_checkpoint_dir, load_model,
                           model_config, tokenizer_file, tokenizer_pieces)
-from ..config import PRESET_NAMES
+from ..config import CONVENTION_PROFILES, PRESET_NAMES
 from ..errors import InputError
 from ..generate import generate
 from ..numerics import MODES
@@ -48,6 +48,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--numerics", choices=MODES, default="fp32",
                    help="storage dtype of weights and activations")
     p.add_argument("--backend", choices=BACKENDS, default="numpy")
+    add_conventions_argument(p)
     p.add_argument("--layers", type=int, metavar="N",
                    help="use only the first N layers (a preset keeps its width)")
     p.add_argument("--lazy", action="store_true",
@@ -102,8 +103,28 @@ def _check_options(args) -> None:
                          "(write one with: python -m refimpl init --preset NAME --out DIR)")
 
 
+def add_conventions_argument(p) -> None:
+    p.add_argument("--conventions", choices=tuple(CONVENTION_PROFILES), default=None,
+                   help="numerics conventions profile (default: the config's "
+                        "refimpl_conventions, else hf): hf = Hugging Face eager; vllm-ascend = "
+                        "router softmax in the activation dtype, routing weight before "
+                        "down_proj, fused add+RMSNorm")
+
+
+def apply_conventions(model, args):
+    """--conventions PROFILE on a built model (weights do not depend on it)."""
+    if getattr(args, "conventions", None):
+        model.config = model.config.with_conventions(args.conventions)
+    return model
+
+
 def open_model(args):
-    """(model, directory or None) for --model DIR|PRESET."""
+    """(model, directory or None) for --model DIR|PRESET (with --conventions applied)."""
+    model, where = _open_model(args)
+    return apply_conventions(model, args), where
+
+
+def _open_model(args):
     if args.stream:
         from ..io.streaming import load_streamed
 

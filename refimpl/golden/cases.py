@@ -822,8 +822,10 @@ def _moge_route_cases(ctx: _Ctx) -> list:
     scale = ctx.weight("model.layers.0.mlp.router_scale")                 # [1, E]
     case.add("router_logits", logits, "input", note="linear(x, mlp.gate.weight), x ~ N(0, 1)")
     case.add("router_scale", scale, "input")
-    ids, weights = ops.moge_route(logits, scale, c.num_groups)
-    _, ref_weights = ops.moge_route(f64(logits), f64(scale), c.num_groups, expert_ids=ids)
+    ids, weights = ops.moge_route(logits, scale, c.num_groups,
+                                  softmax_dtype=c.router_softmax_dtype)
+    _, ref_weights = ops.moge_route(f64(logits), f64(scale), c.num_groups, expert_ids=ids,
+                                    softmax_dtype=c.router_softmax_dtype)
     produced = {"op": "moge_route", "args": ["router_logits", "router_scale"]}
     case.parameters["routing"] = add_routing(case, "expert_ids", logits, ids, logits,
                                              c.num_groups, True, produced)
@@ -881,10 +883,13 @@ def _moe_cases(ctx: _Ctx) -> list:
         case.add(f"shared_expert.{w}_proj.weight", s, "input")
     got, ref_got = {}, {}
     y = ops.moe_block(x, gate, scale, [tuple(s[e] for s in stacks) for e in range(E)], shared,
-                      c.num_groups, record=got.__setitem__)
+                      c.num_groups, record=got.__setitem__,
+                      router_softmax_dtype=c.router_softmax_dtype, weight_point=c.moe_weight_point)
     ref = ops.moe_block(f64(x), f64(gate), f64(scale), _Float64Experts(stacks),
                         [f64(s) for s in shared], c.num_groups, record=ref_got.__setitem__,
-                        expert_ids=got["expert_ids"])
+                        expert_ids=got["expert_ids"],
+                        router_softmax_dtype=c.router_softmax_dtype,
+                        weight_point=c.moe_weight_point)
     produced = {"op": "moe_block", "args": [t.name for t in case.tensors]}
     add_output(case, "y", y, ref, k_error("y"), produced, routing="rows")
     case.parameters["routing"] = add_routing(

@@ -8,7 +8,7 @@ from ..errors import InputError
 from ..numerics import round_to, to_accum
 from .basic import linear, softmax
 from .mlp import silu_and_mul, swiglu
-from .moe_stages import grouped_matmul, moe_dispatch
+from .moe_stages import grouped_matmul, moe_combine, moe_dispatch
 
 
 def _group_size(num_experts: int, num_groups: int) -> int:
@@ -33,8 +33,18 @@ def check_expert_ids(expert_ids, num_tokens: int, num_experts: int, num_groups: 
     return ids
 
 
+#: where the router's softmax is rounded: "float32" (Hugging Face eager: p stays in the
+#: accumulation dtype) or "activation" (vllm-ascend: p rounded to the logits' dtype, then the
+#: group argmax on those values, weights = round(p[e] * router_scale[e]))
+ROUTER_SOFTMAX_DTYPES = ("float32", "activation")
+#: where a token's routing weight is applied: "after_down" (HF: w * down(act), then HF's
+#: index_add order) or "before_down" (vllm-ascend: down(round(act * w)), then the K rows of a
+#: token summed in float32 in choice order and rounded once, as reshape(T, K, H).sum(1))
+MOE_WEIGHT_POINTS = ("after_down", "before_down")
+
+
 def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: int,
-               expert_ids=None):
+               expert_ids=None, softmax_dtype: str = "float32"):
     """Pick one expert per group: global softmax, per-group argmax, times router_scale.
 
     # router_logits [T, E], router_scale [1, E] or [E] -> expert_ids [T, G] int64, weights [T, G]
@@ -47,10 +57,21 @@ def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: 
     expert_ids [T, G], if given, is the selection to use instead of the argmax (the weights
     are still this call's p[e] * router_scale[e]): the float64 reference of a low-precision
     run takes that run's selection, so the two differ only by arithmetic, never by routing.
+
+    softmax_dtype="activation" (the vllm-ascend convention): p is rounded to the logits'
+    dtype before the argmax (ties: lowest id) and the weights are round(p[e] * scale[e]) in
+    that dtype (returned in the accumulation dtype, holding storage values). Identical to
+    "float32" when the logits are float32 or float64.
     """
     T, E = router_logits.shape
     size = _group_size(E, num_groups)
+    if softmax_dtype not in ROUTER_SOFTMAX_DTYPES:
+        raise InputError(f"router softmax dtype {softmax_dtype!r}: choose one of "
+                         f"{', '.join(ROUTER_SOFTMAX_DTYPES)}")
+    dt = np.asarray(router_logits).dtype
     probs = softmax(router_logits, axis=-1)                       # [T, E]
+    if softmax_dtype == "activation":
+        probs = round_to(probs, dt)
     if expert_ids is None:
         local = np.argmax(probs.reshape(T, num_groups, size), axis=-1)  # [T, G], first max
         expert_ids = (local + np.arange(num_groups)[None, :] * size).astype(np.int64)
@@ -58,6 +79,8 @@ def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: 
         expert_ids = check_expert_ids(expert_ids, T, E, num_groups)
     scale = to_accum(np.asarray(router_scale)).reshape(E).astype(probs.dtype)
     weights = np.take_along_axis(probs, expert_ids, axis=1) * scale[expert_ids]
+    if softmax_dtype == "activation":
+        weights = round_to(weights, dt)
     return expert_ids, weights
 
 
@@ -111,7 +134,9 @@ def near_ties(router_logits: np.ndarray, expert_ids: np.ndarray, num_groups: int
 
 
 def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, experts,
-              shared_expert, num_groups: int, record=None, expert_ids=None) -> np.ndarray:
+              shared_expert, num_groups: int, record=None, expert_ids=None,
+              router_softmax_dtype: str = "float32",
+              weight_point: str = "after_down") -> np.ndarray:
     """y = sum_g round(w_g) * Expert_{e_g}(x) + SharedExpert(x), only selected experts run.
 
     # x [T, H], gate_weight [E, H], router_scale [1, E] -> [T, H]
@@ -124,6 +149,9 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     index_add_ in the activation dtype: selected experts in ascending id order, each
     weighted output rounded, then added and rounded; the shared expert is added last.
     `expert_ids` [T, G], if given, forces the selection (see `moge_route`).
+    The defaults are Hugging Face eager's conventions; `router_softmax_dtype="activation"`
+    and `weight_point="before_down"` are vllm-ascend's (ROUTER_SOFTMAX_DTYPES,
+    MOE_WEIGHT_POINTS; `refimpl.config.CONVENTION_PROFILES`).
     `record(name, array)`, if given, receives router_logits, expert_ids, expert_weights and
     each selected expert's token indices, input and output.
     """
@@ -131,7 +159,11 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     T = x.shape[0]
     router_logits = linear(x, gate_weight)                        # [T, E]
     E = router_logits.shape[1]
-    expert_ids, weights = moge_route(router_logits, router_scale, num_groups, expert_ids)
+    if weight_point not in MOE_WEIGHT_POINTS:
+        raise InputError(f"MoE weight point {weight_point!r}: choose one of "
+                         f"{', '.join(MOE_WEIGHT_POINTS)}")
+    expert_ids, weights = moge_route(router_logits, router_scale, num_groups, expert_ids,
+                                     softmax_dtype=router_softmax_dtype)
     weights_s = weights.astype(dt)                                # [T, G]
     if record:
         record("router_logits", router_logits)
@@ -143,8 +175,25 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     group_list = d["expert_cumsum"]
     gate = grouped_matmul(rows, _ExpertWeights(experts, 0, E), group_list)
     up = grouped_matmul(rows, _ExpertWeights(experts, 1, E), group_list)
-    down = grouped_matmul(silu_and_mul(gate, up), _ExpertWeights(experts, 2, E), group_list)
+    act = silu_and_mul(gate, up)                                  # [T*G, I]
     bounds = np.r_[0, group_list]
+    if weight_point == "before_down":
+        src = d["sorted_row_idx"]
+        w_rows = to_accum(weights_s[src % T, src // T])[:, None]  # each row's weight
+        act = round_to(to_accum(act) * w_rows, dt).astype(dt)     # round(act * w)
+    down = grouped_matmul(act, _ExpertWeights(experts, 2, E), group_list)
+    if weight_point == "before_down":
+        routed = moe_combine(down, np.ones(expert_ids.shape), d["expanded_row_idx"])
+        if record:
+            for e in np.flatnonzero(d["expert_counts"]):
+                tok = d["sorted_row_idx"][bounds[e]:bounds[e + 1]] % T
+                record(f"experts.{int(e)}.token_idx", tok.astype(np.int64))
+                record(f"experts.{int(e)}.in", x[tok])
+                record(f"experts.{int(e)}.out", down[bounds[e]:bounds[e + 1]])
+        shared = swiglu(x, *shared_expert)                        # [T, H]
+        if record:
+            record("shared_expert_out", shared)
+        return round_to(to_accum(routed) + to_accum(shared), dt).astype(dt)
     y = np.zeros_like(to_accum(x))                                # [T, H], values in dt
     for e in np.flatnonzero(d["expert_counts"]):                  # ascending expert id
         src = d["sorted_row_idx"][bounds[e]:bounds[e + 1]]
