@@ -173,15 +173,16 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     d = moe_dispatch(expert_ids, E, "v1", x)                      # slot(t, k) = k*T + t
     rows = d["expanded_x"]                                        # [T*G, H] by expert
     group_list = d["expert_cumsum"]
-    gate = grouped_matmul(rows, _ExpertWeights(experts, 0, E), group_list)
-    up = grouped_matmul(rows, _ExpertWeights(experts, 1, E), group_list)
+    chosen = {int(e): experts[int(e)] for e in np.flatnonzero(d["expert_counts"])}  # read once
+    gate = grouped_matmul(rows, _ExpertWeights(chosen, 0, E), group_list)
+    up = grouped_matmul(rows, _ExpertWeights(chosen, 1, E), group_list)
     act = silu_and_mul(gate, up)                                  # [T*G, I]
     bounds = np.r_[0, group_list]
     if weight_point == "before_down":
         src = d["sorted_row_idx"]
         w_rows = to_accum(weights_s[src % T, src // T])[:, None]  # each row's weight
         act = round_to(to_accum(act) * w_rows, dt).astype(dt)     # round(act * w)
-    down = grouped_matmul(act, _ExpertWeights(experts, 2, E), group_list)
+    down = grouped_matmul(act, _ExpertWeights(chosen, 2, E), group_list)
     if weight_point == "before_down":
         routed = moe_combine(down, np.ones(expert_ids.shape), d["expanded_row_idx"])
         if record:
@@ -212,7 +213,8 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
 
 
 class _ExpertWeights:
-    """weights[e] = experts[e][part] (0 gate, 1 up, 2 down), read only when asked for."""
+    """weights[e] = chosen[e][part] (0 gate, 1 up, 2 down) of the selected experts' weights
+    (each read once from `experts`), as a grouped matmul's weight list."""
 
     def __init__(self, experts, part: int, num_experts: int):
         self.experts, self.part, self.n = experts, part, num_experts
