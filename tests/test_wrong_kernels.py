@@ -707,3 +707,82 @@ def test_fused_layout_goldens_fail_wrong_kernels_and_pass_correct_ones(fused_cas
     for kind in ("spec", "numba"):
         report = judge(path, tmp_path / f"w13-{kind}", _w13(t, inter, numba=kind == "numba"))
         assert report["verdict"] == "pass", (kind, reasons(report))
+
+
+# ---------------------------------------------------------------------- MoE stages
+@pytest.fixture(scope="module", params=MODES)
+def stage_cases(request, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("stages"))
+    cases = operator_cases("tiny-moge", ["moe_dispatch", "grouped_matmul", "moe_combine"],
+                           request.param, tokens=16)
+    return {c.name.rsplit("-", 1)[0]: (write_case(out, c), load_case(write_case(out, c)))
+            for c in cases}
+
+
+def _dispatch(t, convention, *, descending_tokens=False):
+    ids = t["expert_ids"]
+    N, K = ids.shape
+    d = ops.moe_dispatch(ids, 12, convention, t["x"])
+    if descending_tokens:     # wrong: tokens of an expert in descending order (unstable sort)
+        order = np.lexsort((-np.arange(N * K), ids.reshape(-1)))
+        slots = (np.arange(K)[None, :] * N + np.arange(N)[:, None]).reshape(-1)
+        d["sorted_row_idx"] = slots[order]
+        d["expanded_row_idx"] = np.argsort(d["sorted_row_idx"])
+        d["expanded_x"] = t["x"][d["sorted_row_idx"] % N]
+    return d
+
+
+def test_moe_stage_goldens_fail_wrong_kernels_and_pass_correct_ones(stage_cases, tmp_path):
+    from refimpl import kernels as K
+
+    assert 0 in np.bincount(stage_cases["tiny-moge-moe-dispatch-v1"][1].tensors[
+        "expert_ids"].ravel(), minlength=12)                    # an expert with no tokens
+    for conv, other in (("v1", "v2"), ("v2", "v1")):
+        path, case = stage_cases[f"tiny-moge-moe-dispatch-{conv}"]
+        t = case.tensors
+        assert judge(path, tmp_path / f"d-{conv}-ok", _dispatch(t, conv))["verdict"] == "pass"
+        report = judge(path, tmp_path / f"d-{conv}-other", _dispatch(t, other))
+        assert report["verdict"] == "fail" and "sorted_row_idx" in failing(report)
+    path, case = stage_cases["tiny-moge-moe-dispatch-v1"]
+    report = judge(path, tmp_path / "d-desc", _dispatch(case.tensors, "v1",
+                                                        descending_tokens=True))
+    assert report["verdict"] == "fail"
+
+    for gtype in ("cumsum", "count"):
+        path, case = stage_cases["tiny-moge-grouped-matmul"]
+        t = case.tensors
+        R = int(case.manifest["parameters"]["rows"])
+        gl = t["group_list"] if gtype == "cumsum" else t["group_counts"]
+        bounds = np.r_[0, gl if gtype == "cumsum" else np.cumsum(gl)]
+
+        def gmm(bounds, lin=ops.linear):
+            y = np.zeros((R, t["weights"].shape[1]), t["x_sorted"].dtype)
+            for e in range(len(gl)):
+                a, b = int(bounds[e]), int(min(bounds[e + 1], R))
+                if b > a:
+                    y[a:b] = lin(t["x_sorted"][a:b], t["weights"][e])
+            return {"y": y}
+
+        assert judge(path, tmp_path / f"g-{gtype}-ok", gmm(bounds))["verdict"] == "pass"
+        assert judge(path, tmp_path / f"g-{gtype}-nb", gmm(bounds, K.linear))["verdict"] == "pass"
+        wrong = np.r_[0, gl] if gtype == "count" else np.r_[0, np.cumsum(gl)]  # type mixed up
+        report = judge(path, tmp_path / f"g-{gtype}-type", gmm(wrong))
+        assert report["verdict"] in ("fail", "unusable"), reasons(report)
+        shifted = np.r_[bounds[0], bounds[1:] - 1]                # boundaries off by one
+        assert judge(path, tmp_path / f"g-{gtype}-off", gmm(shifted))["verdict"] == "fail"
+
+    for conv, other in (("v1", "v2"), ("v2", "v1")):
+        path, case = stage_cases[f"tiny-moge-moe-combine-{conv}"]
+        t = case.tensors
+        args = (t["rows"], t["scales"], t["expanded_row_idx"])
+        ok = ops.moe_combine(*args, skip=t["skip"], convention=conv)
+        assert judge(path, tmp_path / f"c-{conv}-ok", {"out": ok})["verdict"] == "pass"
+        in64 = ops.moe_combine(*(np.asarray(a, np.float64) if a.dtype.kind == "f" else a
+                                 for a in args), skip=t["skip"].astype(np.float64),
+                               convention=conv).astype(t["rows"].dtype)   # float64 inside
+        assert judge(path, tmp_path / f"c-{conv}-64", {"out": in64})["verdict"] == "pass"
+        for name, bad in (("other-slots", ops.moe_combine(*args, skip=t["skip"],
+                                                         convention=other)),
+                          ("no-skip", ops.moe_combine(*args, convention=conv))):
+            report = judge(path, tmp_path / f"c-{conv}-{name}", {"out": bad})
+            assert report["verdict"] == "fail", (conv, name, reasons(report))

@@ -35,10 +35,11 @@ from .format import DEFAULT_K, REF_SUFFIX, Case, is_float, numerics_entry
 
 OPERATORS = ("rms_norm", "rope", "attention", "swiglu", "moge_route", "moe",
              "attention_varlen", "paged_attention", "reshape_and_cache", "add_rms_norm",
-             "rope_cache", "qkv_proj", "swiglu_w13")
+             "rope_cache", "qkv_proj", "swiglu_w13", "moe_dispatch", "grouped_matmul",
+             "moe_combine")
 #: tokens per block of the paged KV cache cases (vLLM / vllm-ascend default)
 DEFAULT_BLOCK_SIZE = 128
-MOGE_OPERATORS = ("moge_route", "moe")
+MOGE_OPERATORS = ("moge_route", "moe", "moe_dispatch", "grouped_matmul", "moe_combine")
 #: per-query offset of the attention scores, from a key direction shared by all keys (as
 #: trained models have): softmax is unchanged by it, but exp() without max-subtraction
 #: overflows float16 (exp(12) > 65504)
@@ -318,7 +319,9 @@ def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens
                 "paged_attention": _paged_attention_cases,
                 "reshape_and_cache": _reshape_and_cache_cases,
                 "add_rms_norm": _add_rms_norm_cases, "rope_cache": _rope_cache_cases,
-                "qkv_proj": _qkv_proj_cases, "swiglu_w13": _swiglu_w13_cases}
+                "qkv_proj": _qkv_proj_cases, "swiglu_w13": _swiglu_w13_cases,
+                "moe_dispatch": _moe_dispatch_cases, "grouped_matmul": _grouped_matmul_cases,
+                "moe_combine": _moe_combine_cases}
     cases = []
     for op in ops_list:
         cases.extend(builders[op](ctx))
@@ -770,6 +773,140 @@ def _swiglu_w13_cases(ctx: _Ctx) -> list:
                {"op": "silu_and_mul", "args": ["gate_up[:, :I]", "gate_up[:, I:]"]})
     add_output(case, "y", y, ops.swiglu_w13(x64, w64, f64(w_down)), k_error("y"), produced)
     return [case]
+
+
+def stage_expert_ids(ctx: _Ctx) -> np.ndarray:
+    """The routed ids of the MoE stage cases: layer 0's router on seeded tokens (the spec's
+    selection), with every choice of the most-chosen expert of group 0 moved to another
+    expert of its group when no expert is left without tokens, so at least one expert always
+    receives zero tokens. # -> int64 [T, G]"""
+    c = ctx.config
+    x = ctx.normal("moe_stages.x", (ctx.tokens, c.hidden_size))
+    logits = ops.linear(x, ctx.weight("model.layers.0.mlp.gate.weight"))
+    ids, _ = ops.moge_route(logits, ctx.weight("model.layers.0.mlp.router_scale"),
+                            c.num_groups, softmax_dtype=c.router_softmax_dtype)
+    counts = np.bincount(ids.ravel(), minlength=c.num_experts)
+    if counts.min() > 0:                         # every expert chosen: empty one of group 0
+        size = c.experts_per_group
+        e = int(np.argmin(counts[:size]))
+        ids[ids == e] = (e + 1) % size
+    return ids
+
+
+_STAGES_PARAMS = {
+    "slots": "slot(t, k) = k*N + t (row_idx_convention v1, npu_moe_init_routing) or t*K + k "
+             "(v2, npu_moe_init_routing_v2)",
+    "dispatch": "stable sort of the flattened expert ids (token-major), carrying the slots: "
+                "sorted_row_idx[i] = the slot at destination row i; expanded_row_idx[slot] = "
+                "its destination row; expanded_x[i] = x[token of sorted_row_idx[i]]",
+}
+
+
+def _moe_dispatch_cases(ctx: _Ctx) -> list:
+    c, T = ctx.config, ctx.tokens
+    ids = stage_expert_ids(ctx)
+    x = ctx.normal("moe_stages.x", (T, c.hidden_size))
+    cases = []
+    for conv in ("v1", "v2"):
+        case = ctx.case(
+            "moe_dispatch", conv, f"MoE dispatch (init_routing, {conv}): permute the (token, "
+            "choice) slots into expert order and gather the rows",
+            {**_STAGES_PARAMS, "row_idx_convention": conv, "tokens": T, "k": c.num_groups,
+             "num_experts": c.num_experts,
+             "experts_with_no_tokens": [int(e) for e in
+                                        np.flatnonzero(np.bincount(ids.ravel(),
+                                                                   minlength=c.num_experts) == 0)],
+             "outputs": "sorted_expert_ids, sorted_row_idx, expanded_row_idx [N*K] int64; "
+                        "expert_counts, expert_cumsum [E] int64; expanded_x [N*K, H]"},
+            [], {"default": "exact", "why": _WHY_COPY})
+        case.add("expert_ids", ids, "input", note="layer 0's router on seeded tokens")
+        case.add("x", x, "input")
+        d = ops.moe_dispatch(ids, c.num_experts, conv, x)
+        produced = {"op": "moe_dispatch", "args": ["expert_ids", "x"], "convention": conv}
+        for name in ("sorted_expert_ids", "sorted_row_idx", "expanded_row_idx",
+                     "expert_counts", "expert_cumsum"):
+            case.add(name, d[name], "output", criterion=EXACT, produced_by=produced)
+        case.add("expanded_x", d["expanded_x"], "output", criterion={"name": "allclose"},
+                 tolerance={"rtol": 0.0, "atol": 0.0}, produced_by=produced,
+                 note="rows of x: compared with zero tolerance")
+        cases.append(case)
+    return cases
+
+
+#: rows of NaN after the valid rows of the grouped matmul case's input
+GMM_PADDING_ROWS = 3
+
+
+def _grouped_matmul_cases(ctx: _Ctx) -> list:
+    c, T, dt = ctx.config, ctx.tokens, ctx.dtype
+    E, H, I = c.num_experts, c.hidden_size, c.moe_intermediate_size
+    ids = stage_expert_ids(ctx)
+    x = ctx.normal("moe_stages.x", (T, H))
+    d = ops.moe_dispatch(ids, E, "v1", x)
+    R = d["expanded_x"].shape[0]
+    x_sorted = np.full((R + GMM_PADDING_ROWS, H), np.nan, dt)
+    x_sorted[:R] = d["expanded_x"]
+    name = "model.layers.0.mlp.experts.{}.gate_proj.weight"
+    weights = np.empty((E, I, H), dt)
+    for e in range(E):
+        weights[e] = ctx.weight(name.format(e))
+    case = ctx.case(
+        "grouped_matmul", "", "grouped matmul: the dispatched rows of each expert times its "
+        "gate_proj weight",
+        {"num_experts": E, "rows": R, "padding_rows": GMM_PADDING_ROWS, "in": H, "out": I,
+         "layout": f"x_sorted [R + {GMM_PADDING_ROWS}, in] (rows past the last group are NaN "
+                   "and must not be read); weights [E, out, in] (layer 0's experts.E.gate_proj"
+                   ".weight stacked); group_list int64 [E] as cumulative sums "
+                   "(group_list_type cumsum), group_counts int64 [E] the same as counts "
+                   "(count): use the one your kernel takes; y [R, out]: only the valid rows "
+                   "are compared (a kernel's rows past R are its own)",
+         "formula": "y[rows of e] = round(x_sorted[rows of e] weights[e]^T), float32 "
+                    "accumulation; experts with no rows read nothing"},
+        ["linear"], {"default": "k-error", "why": _WHY_K})
+    case.add("x_sorted", x_sorted, "input")
+    case.add("weights", weights, "input")
+    case.add("group_list", d["expert_cumsum"].astype(np.int64), "input")
+    case.add("group_counts", d["expert_counts"].astype(np.int64), "input")
+    y = ops.grouped_matmul(x_sorted, weights, d["expert_cumsum"], "cumsum")[:R]
+    ref = ops.grouped_matmul(f64(x_sorted), f64(weights), d["expert_cumsum"], "cumsum")[:R]
+    add_output(case, "y", y, ref, k_error("y"),
+               {"op": "grouped_matmul", "args": ["x_sorted", "weights", "group_list"],
+                "then": f"rows 0 .. {R - 1}"})
+    return [case]
+
+
+def _moe_combine_cases(ctx: _Ctx) -> list:
+    c, T = ctx.config, ctx.tokens
+    E, H, K = c.num_experts, c.hidden_size, c.num_groups
+    ids = stage_expert_ids(ctx)
+    rows = ctx.normal("moe_combine.rows", (T * K, H))                 # expert outputs
+    skip = ctx.normal("moe_combine.skip", (T, H))                     # e.g. the shared expert
+    scales = tensor_rng(ctx.seed, "golden.moe_combine.scales").uniform(
+        0.05, 1.0, (T, K)).astype(np.float32)
+    cases = []
+    for conv in ("v1", "v2"):
+        d = ops.moe_dispatch(ids, E, conv)
+        case = ctx.case(
+            "moe_combine", conv, f"MoE combine (finalize_routing, {conv} slots): un-permute "
+            "each token's K expert rows, weight them and add the skip",
+            {**_STAGES_PARAMS, "row_idx_convention": conv, "tokens": T, "k": K,
+             "formula": "out[t] = skip[t] + sum_k scales[t, k] * rows[expanded_row_idx["
+                        "slot(t, k)]]; float32 accumulation (skip first, then k = 0 .. K-1), "
+                        "one rounding to the rows' dtype",
+             "bias": "none (Pangu's experts have no bias)"},
+            ["moe block"], {"default": "k-error", "why": _WHY_K})
+        for name, a in (("rows", rows), ("scales", scales),
+                        ("expanded_row_idx", d["expanded_row_idx"]), ("skip", skip),
+                        ("expert_ids", ids)):
+            case.add(name, a, "input")
+        out = ops.moe_combine(rows, scales, d["expanded_row_idx"], skip=skip, convention=conv)
+        ref = ops.moe_combine(f64(rows), f64(scales), d["expanded_row_idx"], skip=f64(skip),
+                              convention=conv)
+        add_output(case, "out", out, ref, k_error("out"),
+                   {"op": "moe_combine", "args": ["rows", "scales", "expanded_row_idx", "skip"],
+                    "convention": conv})
+        cases.append(case)
+    return cases
 
 
 def _swiglu_cases(ctx: _Ctx) -> list:
