@@ -54,16 +54,18 @@ def _route(logits, scale, G, par, ids, weights):
 
 
 def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: int,
-               expert_ids=None):
+               expert_ids=None, softmax_dtype: str = "float32", num_voted_experts=None):
     """MoGE router in one pass per token (softmax, per-group argmax, router_scale).
 
     # router_logits [T, E], router_scale [1, E] or [E] -> expert_ids [T, G] int64, weights [T, G]
     Semantics of `refimpl.ops.moge_route`: global softmax in the accumulation dtype, ties go
     to the lowest id, weights not renormalised, returned in the accumulation dtype. A forced
-    selection (`expert_ids`, used by float64 references) takes the spec's path.
+    selection (`expert_ids`, used by float64 references), the activation-dtype softmax and
+    the voted router take the spec's path.
     """
-    if expert_ids is not None:
-        return spec.moge_route(router_logits, router_scale, num_groups, expert_ids)
+    if expert_ids is not None or num_voted_experts is not None or softmax_dtype != "float32":
+        return spec.moge_route(router_logits, router_scale, num_groups, expert_ids,
+                               softmax_dtype=softmax_dtype, num_voted_experts=num_voted_experts)
     logits = np.asarray(router_logits)
     check_dtype(logits, "moge_route")
     T, E = logits.shape
@@ -106,7 +108,8 @@ def _combine(expert_out, rows, w, shared, par, out):
 def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, experts,
               shared_expert, num_groups: int, record=None, expert_ids=None,
               router_softmax_dtype: str = "float32",
-              weight_point: str = "after_down") -> np.ndarray:
+              weight_point: str = "after_down", num_voted_experts=None,
+              stage_taps: bool = False) -> np.ndarray:
     """y = sum_g round(w_g) * Expert_{e_g}(x) + SharedExpert(x), as `refimpl.ops.moe_block`.
 
     # x [T, H], gate_weight [E, H], router_scale [1, E] -> [T, H]
@@ -116,13 +119,16 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     expert id with the spec's roundings, then the shared expert. `record` receives the same
     names as the spec. `expert_ids` [T, G] forces the selection (`refimpl.ops.moge_route`).
     The vllm-ascend conventions (router_softmax_dtype="activation", weight_point=
-    "before_down") have no kernel yet: the spec computes them.
+    "before_down"), the voted router and the stage taps have no kernel yet: the spec
+    computes them.
     """
-    if (router_softmax_dtype, weight_point) != ("float32", "after_down"):
+    if (router_softmax_dtype, weight_point) != ("float32", "after_down") or stage_taps or \
+            num_voted_experts is not None:
         return spec.moe_block(x, gate_weight, router_scale, experts, shared_expert, num_groups,
                               record=record, expert_ids=expert_ids,
                               router_softmax_dtype=router_softmax_dtype,
-                              weight_point=weight_point)
+                              weight_point=weight_point, num_voted_experts=num_voted_experts,
+                              stage_taps=stage_taps)
     x = np.asarray(x)
     check_dtype(x, "moe_block")
     dt = x.dtype

@@ -19,6 +19,10 @@ Switches for facts MODEL-SPEC marks *uncertain*, or that have two conventions:
   A profile sets them together: ``refimpl_conventions`` in config.json (or ``--conventions``
   on the command line) is ``hf`` or ``vllm-ascend`` (CONVENTION_PROFILES); an individual
   ``refimpl_*`` key given beside it wins, and the config then reports ``custom``.
+* ``router`` (MoGE only): ``moge`` (default: one expert per group, its argmax) or
+  ``moge_voted``, the 300I Duo deployment's batch-dependent router that keeps per group only
+  the ``num_voted_experts`` (default 5, vllm-ascend's value there) experts the batch chose
+  most (``refimpl.ops.moge_vote``). Not part of a profile.
 """
 
 from __future__ import annotations
@@ -51,9 +55,12 @@ CONVENTION_CHOICES = {"router_softmax_dtype": ("float32", "activation"),
                       "residual_rounding": ("hf", "fused_add_norm")}
 #: the refimpl switches: dataclass fields written as refimpl_<name> in config.json
 SWITCHES = ("rope_angles",) + tuple(CONVENTION_CHOICES)
+ROUTERS = ("moge", "moge_voted")
+#: the MoGE-only refimpl switches, written as refimpl_<name> for MoGE configs
+MOGE_SWITCHES = ("router", "num_voted_experts")
 _TORCH_DTYPES = ("bfloat16", "float16", "float32", "float64")
 #: dataclass field -> its config.json name where they differ
-_HF_NAME = {name: f"refimpl_{name}" for name in SWITCHES}
+_HF_NAME = {name: f"refimpl_{name}" for name in SWITCHES + MOGE_SWITCHES}
 
 
 def _is_int(v) -> bool:
@@ -134,6 +141,13 @@ class ModelConfig:
     router_softmax_dtype: str = "float32"
     moe_weight_point: str = "after_down"
     residual_rounding: str = "hf"
+    router: str = "moge"
+    num_voted_experts: int = 5
+
+    @property
+    def voted_experts(self):
+        """num_voted_experts when the router is moge_voted, else None (plain MoGE)."""
+        return self.num_voted_experts if self.router == "moge_voted" else None
 
     @property
     def conventions(self) -> str:
@@ -272,6 +286,11 @@ class ModelConfig:
             need(self.num_experts % self.num_experts_per_tok == 0, "num_experts_per_tok",
                  f"the {self.num_experts} experts do not divide into {self.num_experts_per_tok}"
                  " equal groups")
+            need(self.router in ROUTERS, "refimpl_router",
+                 f"must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+            need(_is_int(self.num_voted_experts) and self.num_voted_experts >= 1,
+                 "refimpl_num_voted_experts", f"must be a positive integer (at least the "
+                 f"experts per group keeps them all), got {self.num_voted_experts!r}")
             for layer in self.mlp_only_layers:
                 need(isinstance(layer, int) and 0 <= layer < self.num_hidden_layers,
                      "mlp_only_layers", f"layer {layer!r} is not in [0, {self.num_hidden_layers})")
@@ -292,7 +311,8 @@ class ModelConfig:
             raise ConfigError(
                 f"config field 'model_type': {d.get('model_type')!r} (architectures "
                 f"{d.get('architectures')!r}) is not PanguEmbedded or PanguProMoE")
-        names = {f.name for f in dataclasses.fields(cls)} - {"family", *SWITCHES}
+        names = {f.name for f in dataclasses.fields(cls)} - {"family", *SWITCHES,
+                                                             *MOGE_SWITCHES}
         kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
         required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
         for name in required:
@@ -320,7 +340,7 @@ class ModelConfig:
                 raise ConfigError(f"config field 'refimpl_conventions': must be one of "
                                   f"{', '.join(CONVENTION_PROFILES)}, got {profile!r}")
             kwargs.update(CONVENTION_PROFILES[profile])
-        for name in SWITCHES:
+        for name in SWITCHES + (MOGE_SWITCHES if family == MOGE else ()):
             if _HF_NAME[name] in d:
                 kwargs[name] = d[_HF_NAME[name]]
         for name in ("rms_norm_eps", "rope_theta"):
@@ -336,13 +356,13 @@ class ModelConfig:
         d = {"architectures": [_ARCH_BY_FAMILY[self.family]],
              "model_type": _MODEL_TYPE_BY_FAMILY[self.family]}
         for f in dataclasses.fields(self):
-            if f.name == "family" or f.name in SWITCHES:
+            if f.name == "family" or f.name in SWITCHES + MOGE_SWITCHES:
                 continue
             value = getattr(self, f.name)
             if value is None or (f.name == "mlp_only_layers" and not self.is_moge):
                 continue
             d[f.name] = list(value) if isinstance(value, tuple) else value
-        for name in SWITCHES:
+        for name in SWITCHES + (MOGE_SWITCHES if self.is_moge else ()):
             d[_HF_NAME[name]] = getattr(self, name)
         if self.conventions != "custom":
             d["refimpl_conventions"] = self.conventions

@@ -173,12 +173,22 @@ class Model:
 
         rec("post_norm", n2)
         if c.layer_is_moe(i):
+            if expert_ids is None and c.voted_experts and paged is not None \
+                    and not paged.packed and len(paged.bounds) > 1:
+                # the voted router's vote spans the whole batch: route it at once, then
+                # run each entry with that selection
+                logits = each(lambda rows, _: ops.linear(rows, self.w(p + "mlp.gate.weight")),
+                              n2)
+                expert_ids, _ = ops.moge_route(logits, self.w(p + "mlp.router_scale"),
+                                               c.num_groups,
+                                               softmax_dtype=c.router_softmax_dtype,
+                                               num_voted_experts=c.voted_experts)
             m = each(lambda rows, rec, forced=None: ops.moe_block(
                 rows, self.w(p + "mlp.gate.weight"), self.w(p + "mlp.router_scale"),
                 _LayerExperts(self, p + "mlp.experts."),
                 self._swiglu_weights(p + "mlp.shared_expert."), c.num_groups, record=rec,
                 expert_ids=forced, router_softmax_dtype=c.router_softmax_dtype,
-                weight_point=c.moe_weight_point),
+                weight_point=c.moe_weight_point, num_voted_experts=c.voted_experts),
                 n2, record, *([] if expert_ids is None else [expert_ids]))
         else:
             m = each(lambda rows, _: ops.swiglu(rows, *self._swiglu_weights(p + "mlp.")), n2)

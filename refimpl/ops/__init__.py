@@ -8,7 +8,10 @@ at the cast points listed in `refimpl.numerics`.
 from .attention import attention, attention_query_blocks, causal_mask
 from .basic import add, embedding, linear, silu, softmax
 from .mlp import silu_and_mul, swiglu
-from .moe import moe_block, moge_route, near_ties, routing_margins
+from .moe import (moe_block, moe_experts, moe_route_block, moe_unpermute, moge_route, moge_vote,
+                  near_ties, routing_margins)
+from .moe_ep import (expert_rank, global_topk_ids, load_spread, moe_block_ep, rank_loads,
+                     token_shards)
 from .moe_stages import group_bounds, grouped_matmul, moe_combine, moe_dispatch
 from .norm import rms_norm
 from .rope import apply_rope, apply_rope_interleaved, rope_tables, rotate_half
@@ -19,5 +22,6 @@ from .serving import (add_rms_norm, allocate_blocks, attention_varlen, check_pag
 
 __all__ = ["add", "attention", "attention_query_blocks", "causal_mask", "embedding", "linear",
            "silu", "softmax", "swiglu",
-           "moe_block", "moge_route", "near_ties", "routing_margins", "rms_norm", "apply_rope",
+           "moe_block", "moe_block_ep", "moe_experts", "moe_route_block", "moe_unpermute",
+           "moge_route", "moge_vote", "near_ties", "routing_margins", "rms_norm", "apply_rope",
            "apply_rope_interleaved", "rope_tables", "rotate_half", "sample"]
