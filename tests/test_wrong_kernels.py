@@ -23,7 +23,9 @@ import refimpl
 from refimpl import ops
 from refimpl.golden.compare import Options, compare_paths
 from refimpl.golden import model_cases, operator_cases
+from refimpl.config import CONVENTION_PROFILES
 from refimpl.golden.format import load_case, write_case
+from refimpl.numerics import round_to, to_accum
 
 #: the MoE configurations judged: tiny-moge, and Pro-MoE's router at real width
 MOE_PRESETS = {"tiny-moge": {},
@@ -786,3 +788,125 @@ def test_moe_stage_goldens_fail_wrong_kernels_and_pass_correct_ones(stage_cases,
                           ("no-skip", ops.moe_combine(*args, convention=conv))):
             report = judge(path, tmp_path / f"c-{conv}-{name}", {"out": bad})
             assert report["verdict"] == "fail", (conv, name, reasons(report))
+
+
+# ---------------------------------------------------------------------- expert parallelism
+@pytest.fixture(scope="module", params=[(m, p) for m in MODES for p in ("hf", "vllm-ascend")],
+                ids=lambda mp: f"{mp[0]}-{mp[1]}")
+def ep_cases(request, tmp_path_factory):
+    mode, profile = request.param
+    out = str(tmp_path_factory.mktemp("ep"))
+    overrides = dict(CONVENTION_PROFILES[profile])
+    cases = operator_cases("tiny-moge", ["moe_ep", "moe"], mode, tokens=16, overrides=overrides)
+    return profile, {c.name: (write_case(out, c), load_case(write_case(out, c))) for c in cases}
+
+
+def _rank_outputs(t, before, *, read_padding=False, global_ids=False, weight_after=False,
+                  no_weight=False, lin=ops.linear):
+    """A rank's experts on its sorted rows, spec-style, with optional bugs."""
+    gl = t["group_list"]
+    n = int(gl[-1])
+    x = t["x"] if read_padding else t["x"][:n]        # wrong: the NaN rows taken along
+    bounds = np.r_[0, gl]
+    W = [t[f"experts.{w}_proj.weight"] for w in ("gate", "up", "down")]
+    rw = None
+    if before:
+        rw = np.ones(x.shape[0], t["row_weights"].dtype)
+        rw[:n] = t["row_weights"]
+    out = np.zeros((x.shape[0], W[2].shape[1]), x.dtype)
+    for j in range(len(gl)):
+        a, b = int(bounds[j]), int(bounds[j + 1])
+        if read_padding and j == len(gl) - 1:
+            b = x.shape[0]
+        if b == a:
+            continue
+        jj = (j + 1) % len(gl) if global_ids else j       # wrong: another expert's weights
+        act = ops.silu_and_mul(lin(x[a:b], W[0][jj]), lin(x[a:b], W[1][jj]))
+        if before and not weight_after and not no_weight:   # no_weight: wrong, never applied
+            act = round_to(to_accum(act) * to_accum(rw[a:b])[:, None],
+                           act.dtype).astype(act.dtype)
+        y = lin(act, W[2][jj])
+        if before and weight_after:                       # wrong: weight after down_proj
+            y = (y.astype(np.float64) * rw[a:b, None].astype(np.float64)).astype(y.dtype)
+        out[a:b] = y
+    return {"out": out[:n] if not read_padding else out}
+
+
+def test_moe_ep_goldens_fail_wrong_kernels_and_pass_correct_ones(ep_cases, tmp_path):
+    from refimpl import kernels as K
+
+    profile, cases = ep_cases
+    before = profile == "vllm-ascend"
+    suffix = "" if profile == "hf" else "-vllm-ascend"
+    ranks = sorted(n for n in cases if "-moe-ep-rank" in n)
+    assert len(ranks) == 3
+    for name in ranks:
+        path, case = cases[name]
+        t = case.tensors
+        assert 0 in np.diff(np.r_[0, t["group_list"]])          # an expert with no rows
+        assert np.isnan(t["x"][int(t["group_list"][-1]):].astype(np.float64)).all()
+        spec = ops.moe_experts(t["x"][:int(t["group_list"][-1])], t["group_list"],
+                               [tuple(t[f"experts.{w}_proj.weight"][j] for w in
+                                      ("gate", "up", "down")) for j in range(len(t["group_list"]))],
+                               t["row_weights"] if before else None)
+        assert judge(path, tmp_path / f"{name}-spec", {"out": spec})["verdict"] == "pass"
+        ok = _rank_outputs(t, before, lin=K.linear)
+        assert judge(path, tmp_path / f"{name}-numba", ok)["verdict"] == "pass"
+        bugs = {"global_ids": {"global_ids": True}, "padding": {"read_padding": True}}
+        if before:
+            bugs["no_weight"] = {"no_weight": True}
+            # the weight applied after down_proj instead: the same product, rounded elsewhere
+            # (the hf weight point): a correct kernel of the other convention, within k-error
+            moved = _rank_outputs(t, before, weight_after=True)
+            assert judge(path, tmp_path / f"{name}-after", moved)["verdict"] == "pass"
+        for bug, kw in bugs.items():
+            report = judge(path, tmp_path / f"{name}-{bug}", _rank_outputs(t, before, **kw))
+            assert report["verdict"] in ("fail", "unusable"), (name, bug, reasons(report))
+    path, case = cases[f"tiny-moge-moe-ep-combine{suffix}-" + path.rsplit("-", 1)[1]]
+    t = case.tensors
+    outs = [t[f"rank{r}.out"] for r in range(3)]
+    point = "before_down" if before else "after_down"
+    args = (t["expert_ids"], t["expert_weights"], t["send_counts"], t["token_bounds"])
+    ok = ops.moe_ep_combine(outs, *args, t["shared_expert_out"], 12, point)
+    assert judge(path, tmp_path / "combine-ok", {"y": ok})["verdict"] == "pass"
+    # wrong: each rank's rows taken as if sources were concatenated in rank order
+    swapped = [o[::-1] for o in outs]
+    bad = {"row-order": ops.moe_ep_combine(swapped, *args, t["shared_expert_out"], 12, point),
+           "no-shared": ops.moe_ep_combine(outs, *args, np.zeros_like(t["shared_expert_out"]),
+                                           12, point),
+           "other-point": ops.moe_ep_combine(outs, *args, t["shared_expert_out"], 12,
+                                             "after_down" if before else "before_down")}
+    for bug, y in bad.items():
+        report = judge(path, tmp_path / f"combine-{bug}", {"y": y})
+        assert report["verdict"] == "fail", (bug, reasons(report))
+
+    # the moe case's stage taps: each stage fed the golden's previous stage
+    (path, case), = [v for n, v in cases.items() if f"-moe{suffix}-" in n and "-ep-" not in n]
+    t = case.tensors
+    d = ops.moe_dispatch(t["expert_ids"], 12, "v1", t["x"])
+    good = {f"stages.{k}": d[k] for k in ("sorted_row_idx", "expanded_row_idx",
+                                           "expert_counts", "expert_cumsum", "expanded_x")}
+    good["stages.act"] = ops.silu_and_mul(*np.split(t["stages.gate_up"], 2, axis=1))
+    good["y"] = t["y"]                     # the block's output, required; the stages optional
+    report = judge(path, tmp_path / "stages-ok", good)
+    assert report["verdict"] == "pass", reasons(report)
+    d2 = ops.moe_dispatch(t["expert_ids"], 12, "v2", t["x"])
+    wrong = {**good, "stages.sorted_row_idx": d2["sorted_row_idx"]}       # v2 slots
+    assert "stages.sorted_row_idx" in failing(judge(path, tmp_path / "stages-v2", wrong))
+    g, u = np.split(t["stages.gate_up"], 2, axis=1)
+    swapped = ops.silu_and_mul(u, g)                                       # gate/up swapped
+    assert "stages.act" in failing(judge(path, tmp_path / "stages-sw", {**good,
+                                                                         "stages.act": swapped}))
+    # a grouped matmul reading another expert's weights for the down stage
+    W = t["experts.down_proj.weight"]
+    act = t["stages.act_weighted"] if before else t["stages.act"]
+    bounds = np.r_[0, t["stages.expert_cumsum"]]
+    down_ok, down_bad = np.zeros_like(t["stages.down"]), np.zeros_like(t["stages.down"])
+    for e in range(12):
+        a, b = int(bounds[e]), int(bounds[e + 1])
+        if b > a:
+            down_ok[a:b] = K.linear(act[a:b], W[e])
+            down_bad[a:b] = K.linear(act[a:b], W[(e + 1) % 12])
+    assert judge(path, tmp_path / "down-ok", {**good, "stages.down": down_ok})["verdict"] == "pass"
+    assert "stages.down" in failing(judge(path, tmp_path / "down-bad",
+                                          {**good, "stages.down": down_bad}))

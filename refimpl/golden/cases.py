@@ -36,10 +36,11 @@ from .format import DEFAULT_K, REF_SUFFIX, Case, is_float, numerics_entry
 OPERATORS = ("rms_norm", "rope", "attention", "swiglu", "moge_route", "moe",
              "attention_varlen", "paged_attention", "reshape_and_cache", "add_rms_norm",
              "rope_cache", "qkv_proj", "swiglu_w13", "moe_dispatch", "grouped_matmul",
-             "moe_combine")
+             "moe_combine", "moe_ep")
 #: tokens per block of the paged KV cache cases (vLLM / vllm-ascend default)
 DEFAULT_BLOCK_SIZE = 128
-MOGE_OPERATORS = ("moge_route", "moe", "moe_dispatch", "grouped_matmul", "moe_combine")
+MOGE_OPERATORS = ("moge_route", "moe", "moe_dispatch", "grouped_matmul", "moe_combine",
+                  "moe_ep")
 #: per-query offset of the attention scores, from a key direction shared by all keys (as
 #: trained models have): softmax is unchanged by it, but exp() without max-subtraction
 #: overflows float16 (exp(12) > 65504)
@@ -178,8 +179,10 @@ class _Ctx:
 
     def case(self, op: str, variant: str, description: str, parameters: dict, cast_ops,
              criterion: dict) -> Case:
+        profile = self.config.conventions
         name = f"{self.preset}-{op.replace('_', '-')}{'-' + variant if variant else ''}-" \
-               f"{self.mode}"
+               f"{'' if profile == 'hf' else profile + '-'}{self.mode}"
+        parameters = {**parameters, "conventions": profile}
         return Case(name=name, operator=op, description=description, parameters=parameters,
                     numerics=numerics_entry(self.mode, cast_ops), seed=self.seed,
                     source={"kind": "preset", "preset": self.preset,
@@ -321,7 +324,7 @@ def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens
                 "add_rms_norm": _add_rms_norm_cases, "rope_cache": _rope_cache_cases,
                 "qkv_proj": _qkv_proj_cases, "swiglu_w13": _swiglu_w13_cases,
                 "moe_dispatch": _moe_dispatch_cases, "grouped_matmul": _grouped_matmul_cases,
-                "moe_combine": _moe_combine_cases}
+                "moe_combine": _moe_combine_cases, "moe_ep": _moe_ep_cases}
     cases = []
     for op in ops_list:
         cases.extend(builders[op](ctx))
@@ -1021,19 +1024,191 @@ def _moe_cases(ctx: _Ctx) -> list:
     got, ref_got = {}, {}
     y = ops.moe_block(x, gate, scale, [tuple(s[e] for s in stacks) for e in range(E)], shared,
                       c.num_groups, record=got.__setitem__,
-                      router_softmax_dtype=c.router_softmax_dtype, weight_point=c.moe_weight_point)
+                      router_softmax_dtype=c.router_softmax_dtype, weight_point=c.moe_weight_point,
+                      num_voted_experts=c.voted_experts, stage_taps=True)
     ref = ops.moe_block(f64(x), f64(gate), f64(scale), _Float64Experts(stacks),
                         [f64(s) for s in shared], c.num_groups, record=ref_got.__setitem__,
                         expert_ids=got["expert_ids"],
                         router_softmax_dtype=c.router_softmax_dtype,
-                        weight_point=c.moe_weight_point)
+                        weight_point=c.moe_weight_point, stage_taps=True)
     produced = {"op": "moe_block", "args": [t.name for t in case.tensors]}
     add_output(case, "y", y, ref, k_error("y"), produced, routing="rows")
     case.parameters["routing"] = add_routing(
         case, "expert_ids", got["router_logits"], got["expert_ids"], ref_got["router_logits"],
         c.num_groups, False, {"op": "moe_block", "then": "the selection it routed by"},
         optional=True)
+    case.parameters["stages"] = (
+        "optional outputs stages.*, the block's serving stages on the selection expert_ids: "
+        "moe_dispatch (v1 slots) -> sorted_row_idx, expanded_row_idx, expert_counts, "
+        "expert_cumsum, expanded_x; grouped matmul of gate and up -> gate_up [T*G, 2I] (gate "
+        "columns then up); SwiGLU -> act" + (
+            "; act * routing weight of the row -> act_weighted" if c.moe_weight_point ==
+            "before_down" else "") + "; grouped matmul of down -> down [T*G, H]; combine -> "
+        "routed [T, H] (before the shared expert); y = round(routed + shared_expert_out). "
+        "Feed each stage the golden's previous stage to test it alone")
+    for name in _STAGE_TAPS:
+        if name not in got:
+            continue
+        a = got[name]
+        crit = EXACT if a.dtype.kind in "iu" else (
+            {"name": "allclose"} if name == "stages.expanded_x" else k_error(name))
+        extra = {"tolerance": {"rtol": 0.0, "atol": 0.0}} if name == "stages.expanded_x" else {}
+        if a.dtype.kind in "iu" or name == "stages.expanded_x":
+            case.add(name, a, "output", criterion=crit, routing="selection", optional=True,
+                     produced_by={"op": "moe_dispatch", "args": ["expert_ids", "x"]}, **extra)
+        else:
+            add_output(case, name, a, ref_got[name], crit, {"op": "moe_block", "stage": name},
+                       routing="selection", optional=True)
+    add_output(case, "shared_expert_out", got["shared_expert_out"], ref_got["shared_expert_out"],
+               k_error("shared_expert_out"), {"op": "swiglu", "args": ["x", "shared_expert.*"]},
+               optional=True)
     return [case]
+
+
+_STAGE_TAPS = ("stages.sorted_row_idx", "stages.expanded_row_idx", "stages.expert_counts",
+               "stages.expert_cumsum", "stages.expanded_x", "stages.gate_up", "stages.act",
+               "stages.act_weighted", "stages.down", "stages.routed")
+
+
+def _moe_ep_cases(ctx: _Ctx) -> list:
+    """Expert parallelism over ep = G ranks (one group each): a case per rank (its received
+    rows through its local experts) and a combine case (the sources' return trip)."""
+    c, T, dt = ctx.config, ctx.tokens, ctx.dtype
+    E, H, I, G = c.num_experts, c.hidden_size, c.moe_intermediate_size, c.num_groups
+    ep = G
+    p = "model.layers.0.mlp."
+    x = ctx.normal("moe.x", (T, H))                          # the moe case's tokens
+    gate, scale = ctx.weight(p + "gate.weight"), ctx.weight(p + "router_scale")
+    names = [p + "experts.{}." + f"{w}_proj.weight" for w in ("gate", "up", "down")]
+    experts = _StackedExperts(ctx, names, E)
+    shared = [ctx.weight(p + f"shared_expert.{w}_proj.weight") for w in ("gate", "up", "down")]
+    _, ids, _ = ops.moe_route_block(x, gate, scale, G, None, c.router_softmax_dtype,
+                                    c.voted_experts)
+    size = c.experts_per_group
+    for g in range(G):               # every rank (group) gets an expert with no tokens
+        col = ids[:, g] - g * size
+        counts = np.bincount(col, minlength=size)
+        if counts.min() > 0:
+            e = int(np.argmin(counts))
+            ids[col == e, g] = g * size + (e + 1) % size
+    y, plan = ops.moe_block_ep(x, gate, scale, experts, shared, G, ep, expert_ids=ids,
+                               router_softmax_dtype=c.router_softmax_dtype,
+                               weight_point=c.moe_weight_point,
+                               num_voted_experts=c.voted_experts)
+    before = c.moe_weight_point == "before_down"
+    loads = plan["send_counts"].sum(0)
+    common = {"ep_size": ep, "num_experts": E, "experts_per_rank": E // ep, "tokens": T,
+              "placement": "expert e on rank e // (E / ep_size); source rank s owns tokens "
+                           "token_bounds[s] .. token_bounds[s+1]-1 (np.array_split)",
+              "send_counts": plan["send_counts"].tolist(), "rank_loads": loads.tolist(),
+              "load_spread": ops.load_spread(loads),
+              "weight_point": c.moe_weight_point,
+              "selection": "layer 0's router on the moe case's tokens; in each group where "
+                           "every expert was chosen, the least chosen one's tokens moved to the "
+                           "next expert of the group, so every rank has an expert with no rows"}
+    cases = []
+    per = E // ep
+    for r, rank in enumerate(plan["ranks"]):
+        order = rank["local_order"]
+        n = len(order)
+        case = ctx.case(
+            "moe_ep", f"rank{r}", f"expert parallelism, rank {r} of {ep}: its received rows "
+            f"through its experts {r * per} .. {(r + 1) * per - 1} (one grouped matmul each)",
+            {**common, "rank": r, "rows": n, "padding_rows": GMM_PADDING_ROWS,
+             "layout": f"x [rows + {GMM_PADDING_ROWS}, H]: the received rows sorted stably by "
+                       "local expert (rows past the last group are NaN and must not be read); "
+                       "group_list int64 [E_r] cumulative rows per local expert (group_counts "
+                       "the counts); experts.*_proj.weight [E_r, out, in] of the rank's experts; "
+                       "local_order [rows]: the received row each sorted row is (receive order: "
+                       "source 0's rows first); outputs in the sorted order",
+             "formula": "gate_up = [gmm(x, W_gate), gmm(x, W_up)]; act = round(round(silu("
+                        "gate)) * up)" + ("; act_weighted = round(act * row_weights)" if before
+                                          else "") + "; out = gmm(act" + ("_weighted" if before
+                                                                          else "") + ", W_down)"},
+            ["linear", "swiglu", "moe block"], {"default": "k-error", "why": _WHY_K})
+        xs = np.full((n + GMM_PADDING_ROWS, H), np.nan, dt)
+        xs[:n] = rank["x"][order]
+        w_rows = rank["row_weights"][order]
+        case.add("x", xs, "input")
+        case.add("group_list", rank["group_list"], "input")
+        case.add("group_counts", np.diff(np.r_[0, rank["group_list"]]).astype(np.int64), "input")
+        local = [tuple(experts[r * per + j][k] for j in range(per)) for k in range(3)]
+        for w, stack in zip(("gate", "up", "down"), local):
+            case.add(f"experts.{w}_proj.weight", np.stack(stack), "input")
+        if before:
+            case.add("row_weights", w_rows, "input", note="each sorted row's routing weight")
+        case.add("local_order", order, "input", note="bookkeeping: received row of each row")
+        case.add("recv_token_idx", rank["recv_token_idx"][order], "input",
+                 note="bookkeeping: the global token of each row")
+        got, ref_got = {}, {}
+        out = ops.moe_experts(xs[:n], rank["group_list"], _LocalStack(local),
+                              w_rows if before else None, got.__setitem__)
+        ref = ops.moe_experts(f64(xs[:n]), rank["group_list"], _LocalStack(local, f64),
+                              f64(w_rows) if before else None, ref_got.__setitem__)
+        produced = {"op": "moe_experts", "args": ["x", "group_list", "experts.*"]}
+        for name in ("stages.gate_up", "stages.act", "stages.act_weighted"):
+            if name in got:
+                add_output(case, name.split(".", 1)[1], got[name], ref_got[name],
+                           k_error(name), produced, optional=True)
+        np.testing.assert_array_equal(out.view(np.uint8), rank["out"][order].view(np.uint8))
+        add_output(case, "out", out, ref, k_error("out"), produced)
+        cases.append(case)
+    case = ctx.case(
+        "moe_ep", "combine", f"expert parallelism, the return trip: {ep} ranks' outputs "
+        "combined per source rank, plus the shared expert",
+        {**common, "layout": "rank{r}.out [n_r, H]: rank r's outputs in receive order "
+                             "(source 0's rows first); send_counts [ep, ep]; token_bounds "
+                             "[ep + 1]; expert_weights [T, G] in the storage dtype",
+         "formula": "source s: its rows from ranks 0 .. ep-1 concatenated = its dispatch "
+                    "buffer (moe_dispatch v1 of its tokens); routed = " + (
+                        "finalize with unit scales (float32 sum in choice order, one "
+                        "rounding)" if before else "y = 0; per expert ascending: y[tok] = "
+                        "round(y[tok] + round(w * row))") +
+                    "; y = round(routed + shared_expert_out)"},
+        ["moe block"], {"default": "k-error", "why": _WHY_K})
+    weights_s = plan["expert_weights"].astype(dt)
+    for name, a in (("expert_ids", plan["expert_ids"]), ("expert_weights", weights_s),
+                    ("send_counts", plan["send_counts"]), ("token_bounds", plan["token_bounds"]),
+                    *((f"rank{r}.out", rank["out"]) for r, rank in enumerate(plan["ranks"]))):
+        case.add(name, a, "input")
+    shared_out = ops.swiglu(x, *shared)
+    case.add("shared_expert_out", shared_out, "input")
+    ref = ops.moe_ep_combine([f64(rank["out"]) for rank in plan["ranks"]], plan["expert_ids"],
+                             f64(weights_s), plan["send_counts"], plan["token_bounds"],
+                             f64(shared_out), E, c.moe_weight_point)
+    add_output(case, "y", y, ref, k_error("y"),
+               {"op": "moe_ep_combine", "args": ["rank*.out", "expert_ids", "expert_weights",
+                                                 "send_counts", "token_bounds",
+                                                 "shared_expert_out"]})
+    cases.append(case)
+    return cases
+
+
+class _StackedExperts:
+    """experts[e] -> layer 0's (gate, up, down) of expert e, made when asked."""
+
+    def __init__(self, ctx, names, n):
+        self.ctx, self.names, self.n = ctx, names, n
+
+    @functools.lru_cache(maxsize=None)
+    def __getitem__(self, e):
+        return tuple(self.ctx.weight(name.format(int(e))) for name in self.names)
+
+    def __len__(self):
+        return self.n
+
+
+class _LocalStack:
+    """experts[j] -> (gate, up, down) of local expert j from per-part lists, through `cast`."""
+
+    def __init__(self, parts, cast=lambda a: a):
+        self.parts, self.cast = parts, cast
+
+    def __getitem__(self, j):
+        return tuple(self.cast(part[int(j)]) for part in self.parts)
+
+    def __len__(self):
+        return len(self.parts[0])
 
 
 # ---------------------------------------------------------------------- model cases

@@ -33,6 +33,9 @@ storage dtype resolves, `refimpl.ops.near_ties`). Where the candidate decided a 
 other way, the rows of those tokens in outputs marked `"routing": "rows"` are excluded from
 the verdict, and the report counts them. The outputs of experts a differing choice touches
 (`"routing": "expert"`: their token lists differ) are never compared; they are "excluded".
+Outputs marked `"routing": "selection"` (the MoE block's stage taps: a permutation or a
+dispatched buffer of the whole selection) are excluded when the candidate decided any
+near-tie the other way.
 Tie-tolerant is the default because a correct kernel that sums the router logits in another
 order may round a logit to its neighbour and flip such a choice; every wrong router of
 tests/test_wrong_kernels.py differs at choices that are not near-ties.
@@ -360,7 +363,7 @@ def _entry_fields(case: LoadedCase, entry) -> tuple:
             or not all(_is_number(tol.get(key)) for key in ("rtol", "atol"))):
         raise Unusable(f"manifest: {name}: tolerance {tol!r} needs numeric rtol and atol")
     routing = entry.get("routing")
-    if routing not in (None, "rows", "expert"):
+    if routing not in (None, "rows", "expert", "selection"):
         raise Unusable(f"manifest: {name}: unknown routing dependence {routing!r}")
     return name, dtype, tuple(shape), stored, tol
 
@@ -390,6 +393,10 @@ def compare_output(case: LoadedCase, entry: dict, cand: Candidate, opts: Options
     result = {"name": name, "dtype": entry["dtype"], "shape": list(shape)}
     g = case.tensors[name]
     routing = entry.get("routing")
+    if flips and routing == "selection" and (flips.tokens or flips.experts):
+        return {**result, "verdict": "excluded",
+                "reason": "the candidate decided a near-tie the other way, so its dispatch "
+                          "differs (see expert_ids)"}
     if flips and routing == "expert" and _expert_of(name) in flips.experts:
         return {**result, "verdict": "excluded",
                 "reason": "the candidate routed other tokens to this expert (see expert_ids)"}

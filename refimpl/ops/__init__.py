@@ -10,8 +10,8 @@ from .basic import add, embedding, linear, silu, softmax
 from .mlp import silu_and_mul, swiglu
 from .moe import (moe_block, moe_experts, moe_route_block, moe_unpermute, moge_route, moge_vote,
                   near_ties, routing_margins)
-from .moe_ep import (expert_rank, global_topk_ids, load_spread, moe_block_ep, rank_loads,
-                     token_shards)
+from .moe_ep import (expert_rank, global_topk_ids, load_spread, moe_block_ep, moe_ep_combine,
+                     rank_loads, token_shards)
 from .moe_stages import group_bounds, grouped_matmul, moe_combine, moe_dispatch
 from .norm import rms_norm
 from .rope import apply_rope, apply_rope_interleaved, rope_tables, rotate_half

@@ -126,7 +126,7 @@ def moe_block_ep(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarra
     bounds = token_shards(T, ep_size)
     send_counts = np.zeros((ep_size, ep_size), np.int64)
     # each source's dispatch, and the pieces it sends: (rows, token, expert, weight) per rank
-    sources, pieces = [], []
+    pieces = []
     for s in range(ep_size):
         a, b = int(bounds[s]), int(bounds[s + 1])
         d = moe_dispatch(ids[a:b], E, "v1", x[a:b])                   # over the shard
@@ -136,12 +136,11 @@ def moe_block_ep(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarra
         dest = owner[d["sorted_expert_ids"]]                          # non-decreasing
         send_counts[s] = np.bincount(dest, minlength=ep_size)
         cut = np.r_[0, np.cumsum(send_counts[s])]
-        sources.append((a, b, d, cut))
         pieces.append([(d["expanded_x"][cut[r]:cut[r + 1]], a + tok[cut[r]:cut[r + 1]],
                         d["sorted_expert_ids"][cut[r]:cut[r + 1]],
                         weights_s[a + tok[cut[r]:cut[r + 1]], choice[cut[r]:cut[r + 1]]])
                        for r in range(ep_size)])
-    ranks, returned = [], []
+    ranks = []
     H = x.shape[1]
     for r in range(ep_size):
         parts = [pieces[s][r] for s in range(ep_size)]
@@ -161,22 +160,50 @@ def moe_block_ep(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarra
                       "recv_expert_ids": expert, "x": xr, "row_weights": w_rows,
                       "local_order": order.astype(np.int64), "group_list": group_list,
                       "out": out})
-        returned.append(np.r_[0, np.cumsum(send_counts[:, r])])       # offsets by source
     shared = swiglu(x, *shared_expert)                                # [T, H] on all tokens
-    y = np.empty((T, H), dt)
-    for s, (a, b, d, cut) in enumerate(sources):
-        if b == a:                                   # a source with no tokens
-            continue
-        # rank r's rows for source s come back in s's dispatch order: concatenating over r
-        # restores s's whole dispatch buffer
-        down = np.concatenate([ranks[r]["out"][returned[r][s]:returned[r][s + 1]]
-                               for r in range(ep_size)])
-        routed = moe_unpermute(down, d, weights_s[a:b], weight_point)
-        y[a:b] = round_to(to_accum(routed) + to_accum(shared[a:b]), dt)
+    y = moe_ep_combine([rank["out"] for rank in ranks], ids, weights_s, send_counts, bounds,
+                       shared, E, weight_point)
     plan = {"router_logits": router_logits, "expert_ids": ids, "expert_weights": weights,
             "token_bounds": bounds, "send_counts": send_counts, "ranks": ranks}
     return y, plan
 
 
+def moe_ep_combine(rank_outputs, expert_ids, weights_s, send_counts, token_bounds, shared,
+                   num_experts: int, weight_point: str = "after_down") -> np.ndarray:
+    """The sources' side of the return trip: each source rank combines what the ranks send
+    back for its tokens, then adds the shared expert.
+
+    # rank_outputs: ep arrays [n_r, H] (each rank's outputs in receive order), expert_ids
+    # [T, G], weights_s [T, G] (storage dtype), send_counts [ep, ep], token_bounds [ep + 1],
+    # shared [T, H] -> y [T, H]
+    Rank r's outputs hold source 0's rows first (send_counts[0, r] of them), then source
+    1's, ...; each source's rows from all ranks, concatenated in rank order, are its
+    dispatch buffer (its rows in expert order), combined by `moe_unpermute`;
+    y = round(routed + shared).
+    """
+    ep = len(rank_outputs)
+    send_counts = np.asarray(send_counts, np.int64)
+    if send_counts.shape != (ep, ep):
+        raise InputError(f"send_counts must be [{ep}, {ep}] for {ep} ranks, got "
+                         f"{list(send_counts.shape)}")
+    for r, out in enumerate(rank_outputs):
+        if out.shape[0] != send_counts[:, r].sum():
+            raise InputError(f"rank {r} returned {out.shape[0]} rows, it received "
+                             f"{int(send_counts[:, r].sum())}")
+    offsets = [np.r_[0, np.cumsum(send_counts[:, r])] for r in range(ep)]   # by source
+    dt = shared.dtype
+    y = np.empty(shared.shape, dt)
+    for s in range(ep):
+        a, b = int(token_bounds[s]), int(token_bounds[s + 1])
+        if b == a:                                   # a source with no tokens
+            continue
+        d = moe_dispatch(expert_ids[a:b], num_experts, "v1")
+        down = np.concatenate([rank_outputs[r][offsets[r][s]:offsets[r][s + 1]]
+                               for r in range(ep)])
+        routed = moe_unpermute(down, d, weights_s[a:b], weight_point)
+        y[a:b] = round_to(to_accum(routed) + to_accum(shared[a:b]), dt)
+    return y
+
+
 __all__ = ["expert_rank", "token_shards", "rank_loads", "load_spread", "global_topk_ids",
-           "moe_block_ep"]
+           "moe_block_ep", "moe_ep_combine"]
