@@ -4,7 +4,8 @@
     y = K.linear(x, w, b)            # x, w in float64/float32/bfloat16/float16
 
 Accelerated: linear, rms_norm, apply_rope, attention, add, swiglu, moge_route, moe_block,
-paged_attention, attention_varlen, add_rms_norm.
+paged_attention, attention_varlen, add_rms_norm, and the MoE stages moe_dispatch,
+grouped_matmul (plus grouped_gate_up, its fused gate-up SwiGLU form), moe_combine.
 Re-exported from the spec unchanged: embedding (a gather), softmax, silu, silu_and_mul,
 rope_tables, rotate_half, apply_rope_interleaved, causal_mask, sample, near_ties,
 routing_margins, and (no fast path yet) the serving-boundary operators
@@ -60,10 +61,11 @@ from .basic import add
 from .linear import linear
 from .mlp import swiglu
 from .moe import moe_block, moge_route
+from .moe_stages import grouped_gate_up, grouped_matmul, moe_combine, moe_dispatch
 from .norm import add_rms_norm, rms_norm
 from .rope import apply_rope
 
-__all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
+__all__ = ["moe_dispatch", "grouped_matmul", "grouped_gate_up", "moe_combine", "add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
            "moe_block", "moge_route", "near_ties", "routing_margins", "rms_norm", "apply_rope",
            "apply_rope_interleaved", "rope_tables", "rotate_half", "sample", "round_to_bf16",
            "round_to_f16", "silu_and_mul", "attention_varlen", "reshape_and_cache",

@@ -8,11 +8,12 @@ from numba import prange
 
 from refimpl import ops as spec
 from refimpl.errors import InputError
-from refimpl.numerics import to_accum
+from refimpl.numerics import round_to, to_accum
 
 from ._dtypes import acc_np, acc_zero, check_dtype, empty, ld, like, parallel, raw, rnd, st, vexp
 from .linear import linear
 from .mlp import swiglu
+from .moe_stages import grouped_gate_up, grouped_matmul, moe_combine, moe_dispatch
 
 
 @numba.njit(cache=True)
@@ -110,59 +111,77 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
               router_softmax_dtype: str = "float32",
               weight_point: str = "after_down", num_voted_experts=None,
               stage_taps: bool = False) -> np.ndarray:
-    """y = sum_g round(w_g) * Expert_{e_g}(x) + SharedExpert(x), as `refimpl.ops.moe_block`.
-
-    # x [T, H], gate_weight [E, H], router_scale [1, E] -> [T, H]
-    Tokens are sorted by expert (stable, so by token within an expert); each selected expert
-    runs once over its gathered tokens (one grouped SwiGLU of n_e rows), unselected experts
-    are never read from `experts`. The weighted outputs are added per token in ascending
-    expert id with the spec's roundings, then the shared expert. `record` receives the same
-    names as the spec. `expert_ids` [T, G] forces the selection (`refimpl.ops.moge_route`).
-    The vllm-ascend conventions (router_softmax_dtype="activation", weight_point=
-    "before_down"), the voted router and the stage taps have no kernel yet: the spec
-    computes them.
+    """y = sum_g round(w_g) * Expert_{e_g}(x) + SharedExpert(x), as `refimpl.ops.moe_block`,
+    in the same serving stages: route, dispatch (`moe_stages.moe_dispatch`, a counting sort),
+    the fused gate-up grouped matmul with SwiGLU (`grouped_gate_up`), under weight_point
+    "before_down" each row times its routing weight, the down grouped matmul, then combine:
+    "after_down" adds the weighted rows per token in ascending expert id with the spec's
+    roundings, "before_down" sums a token's K rows in float32 in choice order and rounds once
+    (`moe_combine`); then the shared expert. Unselected experts are never read from
+    `experts`. `record` receives the spec's names. The activation-dtype softmax, the voted
+    router and a forced selection route through the spec's `moge_route`; `stage_taps` (the
+    golden's stage tensors) computes the spec.
     """
-    if (router_softmax_dtype, weight_point) != ("float32", "after_down") or stage_taps or \
-            num_voted_experts is not None:
+    if stage_taps:
         return spec.moe_block(x, gate_weight, router_scale, experts, shared_expert, num_groups,
                               record=record, expert_ids=expert_ids,
                               router_softmax_dtype=router_softmax_dtype,
                               weight_point=weight_point, num_voted_experts=num_voted_experts,
-                              stage_taps=stage_taps)
+                              stage_taps=True)
+    if weight_point not in spec.moe.MOE_WEIGHT_POINTS:
+        raise InputError(f"MoE weight point {weight_point!r}: choose one of "
+                         f"{', '.join(spec.moe.MOE_WEIGHT_POINTS)}")
     x = np.asarray(x)
     check_dtype(x, "moe_block")
     dt = x.dtype
     T, H = x.shape
     router_logits = linear(x, gate_weight)                          # [T, E]
-    expert_ids, weights = moge_route(router_logits, router_scale, num_groups, expert_ids)
+    E = router_logits.shape[1]
+    expert_ids, weights = moge_route(router_logits, router_scale, num_groups, expert_ids,
+                                     softmax_dtype=router_softmax_dtype,
+                                     num_voted_experts=num_voted_experts)
     G = expert_ids.shape[1]
     weights_s = weights.astype(dt)                                  # [T, G] storage
     if record:
         record("router_logits", router_logits)
         record("expert_ids", expert_ids)
         record("expert_weights", weights)
-    flat = expert_ids.reshape(-1)                                   # [T*G], slot = t*G + g
-    order = np.argsort(flat, kind="stable")                         # grouped by expert id
-    bounds = np.searchsorted(flat[order], np.arange(gate_weight.shape[0] + 1))
-    rows = np.empty(T * G, np.int64)                                # slot -> row of expert_out
-    rows[order] = np.arange(T * G)
-    expert_out = np.empty((T * G, H), dt)
-    for e in np.flatnonzero(np.diff(bounds)):                       # selected experts, ascending
-        sel = order[bounds[e]:bounds[e + 1]]
-        tok = sel // G
-        w_gate, w_up, w_down = experts[int(e)]
-        xe = x[tok]
-        out = swiglu(xe, w_gate, w_up, w_down)                      # [n_e, H]
-        expert_out[bounds[e]:bounds[e + 1]] = out
-        if record:
-            record(f"experts.{int(e)}.token_idx", tok.astype(np.int64))
-            record(f"experts.{int(e)}.in", xe)
-            record(f"experts.{int(e)}.out", out)
+    d = moe_dispatch(expert_ids, E, "v1", x)                        # slot(t, k) = k*T + t
+    src = d["sorted_row_idx"]
+    chosen = {int(e): experts[int(e)] for e in np.flatnonzero(d["expert_counts"])}
+    act = grouped_gate_up(d["expanded_x"], chosen, d["expert_cumsum"])   # [T*G, I]
+    if weight_point == "before_down":
+        w_rows = weights_s[src % T, src // T]                       # each row's weight
+        act = round_to(to_accum(act) * to_accum(w_rows)[:, None], dt).astype(dt)
+    down = grouped_matmul(act, _Down(chosen, E), d["expert_cumsum"])  # [T*G, H]
+    bounds = np.r_[0, d["expert_cumsum"]]
+    if record:
+        for e in chosen:
+            tok = src[bounds[e]:bounds[e + 1]] % T
+            record(f"experts.{e}.token_idx", tok.astype(np.int64))
+            record(f"experts.{e}.in", x[tok])
+            record(f"experts.{e}.out", down[bounds[e]:bounds[e + 1]])
     shared = swiglu(x, *shared_expert)                              # [T, H]
     if record:
         record("shared_expert_out", shared)
+    if weight_point == "before_down":
+        routed = moe_combine(down, np.ones((T, G), acc_np(dt)), d["expanded_row_idx"])
+        return round_to(to_accum(routed) + to_accum(shared), dt).astype(dt)
     y, y_raw = empty((T, H), dt)
     if T:
-        _combine(raw(expert_out), rows.reshape(T, G), raw(weights_s), raw(shared),
-                 parallel(expert_out.size), y_raw)
+        rows = d["expanded_row_idx"].reshape(G, T).T.copy()         # [T, G] row of (t, g)
+        _combine(raw(down), rows, raw(weights_s), raw(shared), parallel(down.size), y_raw)
     return y
+
+
+class _Down:
+    """weights[e] = the down_proj of a selected expert (the down grouped matmul's list)."""
+
+    def __init__(self, chosen, n):
+        self.chosen, self.n = chosen, n
+
+    def __getitem__(self, e):
+        return self.chosen[int(e)][2]
+
+    def __len__(self):
+        return self.n

@@ -131,7 +131,11 @@ def test_before_down_block_is_the_serving_formula(mode):
 
     fast = K.moe_block(x, gate_w, scale, experts, shared, G, router_softmax_dtype="activation",
                        weight_point="before_down")
-    np.testing.assert_array_equal(bits(fast), bits(got))
+    # the Numba stages: the spec's routing; sums in another order (tests/test_kernels.py
+    # checks them bit for bit on exact inputs)
+    tol = {"fp64": 1e-13, "fp32": 2e-6, "bf16": 1e-2, "fp16": 2e-3}[mode]
+    scale_ref = np.abs(got.astype(np.float64)).max()
+    assert np.abs(fast.astype(np.float64) - got.astype(np.float64)).max() <= tol * scale_ref
     hf = ops.moe_block(x, gate_w, scale, experts, shared, G)
     if mode in ("bf16", "fp16"):
         assert not np.array_equal(bits(hf), bits(got))
@@ -180,13 +184,13 @@ def test_conventions_on_the_command_line(tmp_path):
     r = cli("golden", "--model", "tiny-moge", "--token-ids", "1,2,3", "--layers", "0",
             "--conventions", "vllm-ascend", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
-    m = json.loads((tmp_path / "tiny-moge-layer0-bf16" / "manifest.json").read_text())
+    m = json.loads((tmp_path / "tiny-moge-layer0-vllm-ascend-bf16" / "manifest.json").read_text())
     assert m["source"]["config"]["refimpl_conventions"] == "vllm-ascend"
     assert "--conventions vllm-ascend" in m["command"]
     r = cli("golden", "--preset", "tiny-moge", "--ops", "moe", "--conventions", "vllm-ascend",
             "--out", tmp_path / "p")
     assert r.returncode == 0, r.stderr
-    m = json.loads((tmp_path / "p" / "tiny-moge-moe-bf16" / "manifest.json").read_text())
+    m = json.loads((tmp_path / "p" / "tiny-moge-moe-vllm-ascend-bf16" / "manifest.json").read_text())
     assert m["source"]["config"]["refimpl_moe_weight_point"] == "before_down"
     r = cli("run", "--conventions", "tgi", "--model", "tiny-moge")
     assert r.returncode == 2 and r.stderr.count("\n") == 1

@@ -721,3 +721,97 @@ def test_paged_attention_kernel_at_32768_positions():
                                                           Hq=12, Hkv=6, D=128)
     got = K.paged_attention(q, kc, vc, tables, lens)
     np.testing.assert_array_equal(bits(got[:1]), bits(K.attention(q[:1], keys[0], values[0])))
+
+
+# ---------------------------------------------------------------------------- MoE stages
+@pytest.mark.parametrize("conv", ["v1", "v2"])
+@pytest.mark.parametrize("N, K_, E", [(1, 8, 64), (7, 3, 12), (129, 8, 64), (5, 2, 40)])
+def test_moe_dispatch_kernel_is_the_spec(conv, N, K_, E):
+    rng = np.random.default_rng(N + E)
+    ids = rng.integers(0, E // 2 if E > 12 else E, (N, K_))     # experts with no tokens
+    x = randn(rng, (N, 9), bfloat16)
+    got, want = K.moe_dispatch(ids, E, conv, x), ops.moe_dispatch(ids, E, conv, x)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(bits(got[name]), bits(want[name]), err_msg=name)
+    with pytest.raises(InputError, match="outside"):
+        K.moe_dispatch(ids + E, E, conv)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("conv", ["v1", "v2"])
+def test_moe_combine_kernel_is_the_spec_bit_for_bit(mode, conv):
+    dt = MODES[mode]
+    rng = np.random.default_rng(3)
+    for N, K_, H in ((1, 8, 5), (37, 3, 130), (64, 8, 64)):
+        rows = randn(rng, (N * K_ + 2, H), dt)
+        scales = rng.uniform(0.05, 1, (N, K_)).astype(np.float32)
+        dst = rng.permutation(N * K_ + 2)[:N * K_].astype(np.int64)
+        dst[rng.random(N * K_) < 0.1] = -1                       # dropped slots
+        skip1, skip2 = randn(rng, (N, H), dt), randn(rng, (N, H), dt)
+        for skip in (None, skip1, (skip1, skip2)):
+            got = K.moe_combine(rows, scales, dst, skip=skip, convention=conv)
+            want = ops.moe_combine(rows, scales, dst, skip=skip, convention=conv)
+            np.testing.assert_array_equal(bits(got), bits(want))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_grouped_matmul_kernels_match_the_spec(mode):
+    dt = MODES[mode]
+    rng = np.random.default_rng(5)
+    E, H, I = 6, 33, 17
+    counts = np.array([3, 0, 1, 7, 0, 2])
+    R = int(counts.sum())
+    x = np.full((R + 3, H), np.nan, dt)
+    x[:R] = randn(rng, (R, H), dt)
+    experts = [tuple(randn(rng, s, dt, 0.3) for s in ((I, H), (I, H), (H, I))) for _ in range(E)]
+    cs = np.cumsum(counts)
+    w_gate = np.stack([e[0] for e in experts])
+    got = K.grouped_matmul(x, w_gate, cs)[:R]
+    check(got, ops.grouped_matmul(x, w_gate, cs)[:R], "reduce", mode)
+    np.testing.assert_array_equal(bits(K.grouped_matmul(x, w_gate, counts, "count")[:R]),
+                                  bits(got))
+    xe = x.copy()
+    xe[:R] = _exact((R, H), -3, 4, 2, dt, 1)                   # every sum order exact
+    we = _exact((E, I, H), -2, 3, 3, dt, 2)
+    np.testing.assert_array_equal(bits(K.grouped_matmul(xe, we, cs)[:R]),
+                                  bits(ops.grouped_matmul(xe, we, cs)[:R]))
+    act = K.grouped_gate_up(x, experts, cs)[:R]
+    ref = ops.silu_and_mul(ops.grouped_matmul(x, w_gate, cs)[:R],
+                           ops.grouped_matmul(x, np.stack([e[1] for e in experts]), cs)[:R])
+    check(act, ref, "reduce", mode)
+    assert np.isfinite(act.astype(np.float64)).all()            # the NaN rows never read
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T", [1, 5, 300])
+def test_moe_block_vllm_ascend_profile_matches_spec(mode, T):
+    rng = np.random.default_rng(T + 21)
+    x, gate, scale, experts, shared, G = _moe_inputs(rng, MODES[mode], T)
+    kw = {"router_softmax_dtype": "activation", "weight_point": "before_down"}
+    got_rec, ref_rec = {}, {}
+    got = K.moe_block(x, gate, scale, _Experts(experts), shared, G, record=got_rec.__setitem__,
+                      **kw)
+    ref = ops.moe_block(x, gate, scale, experts, shared, G, record=ref_rec.__setitem__, **kw)
+    check(got, ref, "reduce", mode)
+    assert sorted(got_rec) == sorted(ref_rec)
+    np.testing.assert_array_equal(got_rec["expert_ids"], ref_rec["expert_ids"])
+
+
+@pytest.mark.parametrize("mode", HALF_MODES)
+@pytest.mark.parametrize("T", [1, 40])
+@pytest.mark.parametrize("point", ["after_down", "before_down"])
+def test_moe_block_profiles_equal_the_spec_bit_for_bit_on_exact_inputs(mode, T, point):
+    dt = storage_dtype(mode)
+    E, G, H, I = 16, 4, 32, 24
+    x = _exact((T, H), 0, 4, 2, dt, T)
+    gate = _exact((E, H), -3, 4, 3, dt, 1)
+    scale = _exact((1, E), 2, 7, 2, dt, 2)
+    experts = [(_exact((I, H), -1, 3, 2, dt, 10 * e), _exact((I, H), -1, 3, 2, dt, 10 * e + 1),
+                _exact((H, I), -2, 3, 3, dt, 10 * e + 2)) for e in range(E)]
+    shared = (_exact((40, H), -1, 3, 2, dt, 3), _exact((40, H), -1, 3, 2, dt, 4),
+              _exact((H, 40), -2, 3, 3, dt, 5))
+    kw = {"router_softmax_dtype": "activation", "weight_point": point}
+    y = K.moe_block(x, gate, scale, experts, shared, G, **kw)
+    np.testing.assert_array_equal(bits(y), bits(ops.moe_block(x, gate, scale, experts, shared,
+                                                              G, **kw)))

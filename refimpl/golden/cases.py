@@ -181,7 +181,7 @@ class _Ctx:
              criterion: dict) -> Case:
         profile = self.config.conventions
         name = f"{self.preset}-{op.replace('_', '-')}{'-' + variant if variant else ''}-" \
-               f"{'' if profile == 'hf' else profile + '-'}{self.mode}"
+               f"{_profile_tag(self.config)}{self.mode}"
         parameters = {**parameters, "conventions": profile}
         return Case(name=name, operator=op, description=description, parameters=parameters,
                     numerics=numerics_entry(self.mode, cast_ops), seed=self.seed,
@@ -194,6 +194,11 @@ class _Ctx:
                                        f"seed={self.seed}): the layer-0 tensors of "
                                        f"refimpl.init_model('{self.preset}', seed={self.seed})"},
                     command=self.command(op), criterion=criterion)
+
+
+def _profile_tag(config: ModelConfig) -> str:
+    """The part of a case name that says a non-default numerics profile ("vllm-ascend-")."""
+    return "" if config.conventions == "hf" else f"{config.conventions}-"
 
 
 def weight_shapes_of(config: ModelConfig, name: str) -> tuple:
@@ -1362,7 +1367,7 @@ def _model_cases(model, token_ids, layers, model_name, source, command, seed,
         moe = c.layer_is_moe(i)
         L = f"layers.{i}."
         case = Case(
-            name=f"{model_name}-layer{i}-{mode}", operator="decoder_layer",
+            name=f"{model_name}-layer{i}-{_profile_tag(c)}{mode}", operator="decoder_layer",
             description=f"decoder layer {i} ({'MoGE' if moe else 'dense'} MLP) of a forward "
                         f"over {T} tokens: its input, RoPE tables and weights, and every "
                         "intermediate (refimpl.Taps) as an output of the operator that made it",
@@ -1419,7 +1424,7 @@ def _model_cases(model, token_ids, layers, model_name, source, command, seed,
             del taps.arrays[name]                            # this layer is done
 
     case = Case(
-        name=f"{model_name}-model-{mode}", operator="model",
+        name=f"{model_name}-model-{_profile_tag(model.config)}{mode}", operator="model",
         description=f"the whole model on {T} token ids: embedding, {c.num_hidden_layers} "
                     "layers, final RMSNorm and LM head",
         parameters={**tokens_param, "num_hidden_layers": c.num_hidden_layers,
@@ -1509,7 +1514,7 @@ def _step_case(model, entries, block_size, layers, model_name, source, command, 
     ref.step(batch, caches[1], taps=rtaps, expert_ids=taps.routing)
     q_lens = taps["q_lens"]
     case = Case(
-        name=f"{model_name}-step-{mode}", operator="batched_step",
+        name=f"{model_name}-step-{_profile_tag(model.config)}{mode}", operator="batched_step",
         description=f"one scheduler step over a paged KV cache: {len(entries)} sequences "
                     f"({int((q_lens == 1).sum())} decoding one token, the others prefilling "
                     f"{', '.join(str(int(n)) for n in q_lens if n > 1) or 'none'} tokens) "
