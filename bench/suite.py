@@ -530,6 +530,8 @@ def worker_moe(args) -> dict:
                                                     else 1, warmup=0)
     res["numpy_moe_ms"] = 1e3 * median_time(
         lambda: ops.moe_block(x, gate_w, scale, experts, shared, G), max(1, rep // 2), warmup=0)
+    res["stages"] = _moe_stage_times(x, gate_w, scale, experts, shared, G,
+                                     (1, 32) if args.quick else (1, 32, 512), rep)
     torch = torch_or_none()
     if torch is not None:
         tops = _torch_ops(torch)
@@ -759,6 +761,61 @@ def _e2e_agreement(rows) -> None:
                   f"normwise difference {d:.2e}, same argmax: {int(la.argmax()) == int(lb.argmax())}")
 
 
+def _moe_stage_times(x, gate_w, scale, experts, shared, G, token_counts, rep) -> dict:
+    """{T: {stage: (numba ms, spec ms)}} of the block's serving stages on the first T tokens
+    (the numba stage kernels against the spec's operators, same inputs, same run)."""
+    from refimpl import kernels as K
+    from refimpl import ops
+
+    E = gate_w.shape[0]
+    out = {}
+    for T in token_counts:
+        xt = x[:T]
+        logits = K.linear(xt, gate_w)
+        ids, w = K.moge_route(logits, scale, G)
+        d = K.moe_dispatch(ids, E, "v1", xt)
+        cs = d["expert_cumsum"]
+        act = K.grouped_gate_up(d["expanded_x"], experts, cs)
+        w_down = _Part(experts, 2)
+        down = K.grouped_matmul(act, w_down, cs)
+        ones = np.ones((T, G), np.float32)
+        spec_rep = max(1, rep // 2)
+        stages = {
+            "route (gate linear + moge_route)": (
+                lambda: K.moge_route(K.linear(xt, gate_w), scale, G),
+                lambda: ops.moge_route(ops.linear(xt, gate_w), scale, G)),
+            "dispatch (v1)": (lambda: K.moe_dispatch(ids, E, "v1", xt),
+                              lambda: ops.moe_dispatch(ids, E, "v1", xt)),
+            "grouped gate-up + SwiGLU": (
+                lambda: K.grouped_gate_up(d["expanded_x"], experts, cs),
+                lambda: ops.silu_and_mul(
+                    ops.grouped_matmul(d["expanded_x"], _Part(experts, 0), cs),
+                    ops.grouped_matmul(d["expanded_x"], _Part(experts, 1), cs))),
+            "grouped down": (lambda: K.grouped_matmul(act, w_down, cs),
+                             lambda: ops.grouped_matmul(act, w_down, cs)),
+            "combine (finalize, K rows)": (
+                lambda: K.moe_combine(down, ones, d["expanded_row_idx"]),
+                lambda: ops.moe_combine(down, ones, d["expanded_row_idx"])),
+            "shared expert": (lambda: K.swiglu(xt, *shared), lambda: ops.swiglu(xt, *shared)),
+        }
+        out[T] = {name: (1e3 * median_time(fast, rep), 1e3 * median_time(slow, spec_rep))
+                  for name, (fast, slow) in stages.items()}
+    return out
+
+
+class _Part:
+    """weights[e] = experts[e][part]: a grouped matmul's weight list."""
+
+    def __init__(self, experts, part):
+        self.experts, self.part = experts, part
+
+    def __getitem__(self, e):
+        return self.experts[int(e)][self.part]
+
+    def __len__(self):
+        return len(self.experts)
+
+
 def bench_moe(args, out: dict) -> None:
     T = 128 if args.quick else 512
     _section(f"moe: Pro-MoE MoGE block, {T} tokens, hidden 5120, 64 experts x 1344 in 8 groups, "
@@ -780,6 +837,12 @@ def bench_moe(args, out: dict) -> None:
     if "torch_moe_ms" in res:
         print(f"  torch eager (HF-style loop):     {res['torch_moe_ms']:10.1f} ms   "
               f"(torch / numba = {res['torch_moe_ms'] / res['numba_moe_ms']:.2f}x)")
+    print("  stages (numba kernel vs numpy spec, ms, same inputs):")
+    for T, stages in res["stages"].items():
+        print(f"    T = {T}:")
+        for name, (fast, slow) in stages.items():
+            print(f"      {name:34s} numba {fast:9.2f}   spec {slow:9.2f}   "
+                  f"(spec / numba {slow / max(fast, 1e-9):6.1f}x)")
 
 
 def _common(args, numerics=None) -> list[str]:
