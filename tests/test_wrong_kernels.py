@@ -910,3 +910,34 @@ def test_moe_ep_goldens_fail_wrong_kernels_and_pass_correct_ones(ep_cases, tmp_p
     assert judge(path, tmp_path / "down-ok", {**good, "stages.down": down_ok})["verdict"] == "pass"
     assert "stages.down" in failing(judge(path, tmp_path / "down-bad",
                                           {**good, "stages.down": down_bad}))
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp16"])
+def test_activation_router_golden_passes_torchs_bf16_softmax(mode, tmp_path):
+    """Under vllm-ascend the router's probabilities are rounded to the activation dtype; the
+    near-tie rule counts their margin in that dtype's ulps (ROUTER_ACTIVATION_PROB_ULPS), so
+    torch's own bf16/fp16 softmax router (another exp) passes, and the float32 router of
+    the other profile differs from the golden at some choices (failing --routing exact)."""
+    import torch
+
+    case, = operator_cases("tiny-moge", ["moge_route"], mode, tokens=256,
+                           overrides=dict(CONVENTION_PROFILES["vllm-ascend"]))
+    path = write_case(str(tmp_path / "g"), case)
+    t = load_case(path).tensors
+    G = refimpl.preset("tiny-moge").num_groups
+    E = t["router_logits"].shape[1]
+    tdt = torch.bfloat16 if mode == "bf16" else torch.float16
+    p = torch.softmax(torch.from_numpy(t["router_logits"].astype(np.float32)).to(tdt), dim=-1)
+    best, local = p.view(-1, G, E // G).max(dim=-1)
+    ids = (local + torch.arange(G) * (E // G)).numpy().astype(np.int64)
+    sc = torch.from_numpy(t["router_scale"].astype(np.float32)).to(tdt).view(E)
+    w = (best * sc[torch.from_numpy(ids)]).float().numpy()
+    report = judge(path, tmp_path / "torch", {"expert_ids": ids, "expert_weights": w})
+    assert report["verdict"] == "pass", reasons(report)
+    ids32, w32 = ops.moge_route(t["router_logits"], t["router_scale"], G)
+    if mode == "fp16":      # 11 bits: on this router the two profiles choose alike
+        return
+    assert (ids32 != t["expert_ids"]).any()
+    report = judge(path, tmp_path / "f32", {"expert_ids": ids32, "expert_weights": w32},
+                   routing="exact")
+    assert report["verdict"] == "fail"

@@ -55,6 +55,10 @@ EXACT = {"name": "exact"}
 ROUTER_LOGIT_ULPS = {"bfloat16": 2, "float16": 2, "float32": 64, "float64": 64}
 #: ... and in ulps of the probability (softmax: exp and the sum differ between kernels)
 ROUTER_PROB_ULPS = 4
+#: the same under the activation-dtype router (vllm-ascend): its probabilities are rounded to
+#: bf16/fp16, and a softmax whose float32 exp differs by an ulp rounds one of them at most to
+#: its neighbour (measured against torch's bf16 softmax: 1 of 5184)
+ROUTER_ACTIVATION_PROB_ULPS = 1
 ROUTING_MODES = ("tie-tolerant", "exact")
 _WHY_K = ("a long reduction: a fixed atol is too loose or too tight, so a kernel passes when "
           "its max error against the float64 reference is at most k x the spec's own "
@@ -223,7 +227,8 @@ def add_output(case: Case, name: str, out: np.ndarray, ref: np.ndarray | None,
 
 def add_routing(case: Case, name: str, router_logits: np.ndarray, expert_ids: np.ndarray,
                 ref_logits: np.ndarray, num_groups: int, logits_given: bool,
-                produced_by: dict, optional: bool = False) -> dict:
+                produced_by: dict, optional: bool = False,
+                softmax_dtype: str = "float32") -> dict:
     """The expert selection as an output judged exactly but for near-ties, with what the
     verdict needs and a reader wants to know as references:
 
@@ -239,8 +244,14 @@ def add_routing(case: Case, name: str, router_logits: np.ndarray, expert_ids: np
     """
     dt = np.asarray(router_logits).dtype
     logit_ulps = 0 if logits_given else ROUTER_LOGIT_ULPS[dt.name]
-    ties = ops.near_ties(router_logits, expert_ids, num_groups, logit_ulps, ROUTER_PROB_ULPS)
-    margin, prob_margin = ops.routing_margins(router_logits, expert_ids, num_groups)
+    activation = softmax_dtype == "activation" and dt.itemsize == 2
+    prob_ulps = ROUTER_ACTIVATION_PROB_ULPS if activation else ROUTER_PROB_ULPS
+    prob_unit = (f"{dt.name} (the probabilities are rounded to it)" if activation
+                 else "the accumulation dtype")
+    ties = ops.near_ties(router_logits, expert_ids, num_groups, logit_ulps, prob_ulps,
+                         softmax_dtype)
+    margin, prob_margin = ops.routing_margins(router_logits, expert_ids, num_groups,
+                                              softmax_dtype)
     free64, _ = ops.moge_route(f64(ref_logits), np.ones(ref_logits.shape[1]), num_groups)
     agrees = free64 == expert_ids
     crit = {"name": "exact", "near_ties": name + ".near_tie",
@@ -249,7 +260,7 @@ def add_routing(case: Case, name: str, router_logits: np.ndarray, expert_ids: np
              produced_by=produced_by, optional=optional)
     case.add(name + ".near_tie", ties.astype(np.int64), "reference",
              note=f"1 where the choice is a near-tie: logit margin <= {logit_ulps} ulp of "
-                  f"{dt.name} or probability margin <= {ROUTER_PROB_ULPS} ulp")
+                  f"{dt.name} or probability margin <= {prob_ulps} ulp of {prob_unit}")
     case.add(name + ".margin", margin, "reference",
              note="chosen router logit minus the best other logit of its group")
     case.add(name + ".prob_margin", prob_margin, "reference",
@@ -258,7 +269,7 @@ def add_routing(case: Case, name: str, router_logits: np.ndarray, expert_ids: np
              note="the float64 router's own choice (references downstream use this run's)")
     summary = {"choices": int(expert_ids.size), "near_ties": int(ties.sum()),
                "near_tie_rule": f"logit margin <= {logit_ulps} ulp of {dt.name} or probability "
-                                f"margin <= {ROUTER_PROB_ULPS} ulp of the accumulation dtype",
+                                f"margin <= {prob_ulps} ulp of {prob_unit}",
                "reference_agrees": int(agrees.sum()),
                "reference_disagrees": int((~agrees).sum()),
                "reference_disagrees_at_near_ties": int((~agrees & ties).sum()),
@@ -973,7 +984,8 @@ def _moge_route_cases(ctx: _Ctx) -> list:
                                     softmax_dtype=c.router_softmax_dtype)
     produced = {"op": "moge_route", "args": ["router_logits", "router_scale"]}
     case.parameters["routing"] = add_routing(case, "expert_ids", logits, ids, logits,
-                                             c.num_groups, True, produced)
+                                             c.num_groups, True, produced,
+                                             softmax_dtype=c.router_softmax_dtype)
     add_output(case, "expert_weights", weights, ref_weights, ALLCLOSE, produced,
                routing="rows")
     return [case]
@@ -1041,7 +1053,7 @@ def _moe_cases(ctx: _Ctx) -> list:
     case.parameters["routing"] = add_routing(
         case, "expert_ids", got["router_logits"], got["expert_ids"], ref_got["router_logits"],
         c.num_groups, False, {"op": "moe_block", "then": "the selection it routed by"},
-        optional=True)
+        optional=True, softmax_dtype=c.router_softmax_dtype)
     case.parameters["stages"] = (
         "optional outputs stages.*, the block's serving stages on the selection expert_ids: "
         "moe_dispatch (v1 slots) -> sorted_row_idx, expanded_row_idx, expert_counts, "
@@ -1404,7 +1416,7 @@ def _model_cases(model, token_ids, layers, model_name, source, command, seed,
             case.parameters["routing"] = add_routing(
                 case, L + "expert_ids", taps[L + "router_logits"], taps[L + "expert_ids"],
                 rtaps[L + "router_logits"], c.num_groups, False,
-                _produced_by(c, i, "expert_ids"))
+                _produced_by(c, i, "expert_ids"), softmax_dtype=c.router_softmax_dtype)
         for name in taps:
             if not name.startswith(L) or name in (L + "input", L + "expert_ids"):
                 continue
@@ -1562,7 +1574,8 @@ def _step_case(model, entries, block_size, layers, model_name, source, command, 
             routed = True
             add_routing(case, name, taps[f"layers.{layer}.router_logits"], out,
                         rtaps[f"layers.{layer}.router_logits"], c.num_groups, False,
-                        _produced_by(c, layer, "expert_ids"))
+                        _produced_by(c, layer, "expert_ids"),
+                        softmax_dtype=c.router_softmax_dtype)
             continue
         if r is None or r.shape != out.shape or not is_float(out.dtype):
             r = None

@@ -125,7 +125,8 @@ def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: 
     return expert_ids, weights
 
 
-def routing_margins(router_logits: np.ndarray, expert_ids: np.ndarray, num_groups: int):
+def routing_margins(router_logits: np.ndarray, expert_ids: np.ndarray, num_groups: int,
+                    softmax_dtype: str = "float32"):
     """How decisively each choice was made: for token t and group g, the chosen expert's
     logit and probability minus the largest other one of the group.
 
@@ -133,11 +134,16 @@ def routing_margins(router_logits: np.ndarray, expert_ids: np.ndarray, num_group
     Both in float64 (from the logits as given, probabilities = softmax in the logits'
     accumulation dtype, as `moge_route` computes them). A margin < 0 means the selection
     is not this router's argmax (a forced or foreign choice); 0 is an exact tie.
+    softmax_dtype="activation": the probabilities rounded to the logits' dtype first, as
+    that router compares them.
     """
     T, E = router_logits.shape
     size = _group_size(E, num_groups)
     logits = to_accum(router_logits).astype(np.float64).reshape(T, num_groups, size)
-    probs = softmax(router_logits, axis=-1).astype(np.float64).reshape(T, num_groups, size)
+    probs = softmax(router_logits, axis=-1)
+    if softmax_dtype == "activation":
+        probs = round_to(probs, np.asarray(router_logits).dtype)
+    probs = probs.astype(np.float64).reshape(T, num_groups, size)
     local = (np.asarray(expert_ids) - np.arange(num_groups)[None, :] * size)[..., None]
     out = []
     for values in (logits, probs):
@@ -149,7 +155,7 @@ def routing_margins(router_logits: np.ndarray, expert_ids: np.ndarray, num_group
 
 
 def near_ties(router_logits: np.ndarray, expert_ids: np.ndarray, num_groups: int,
-              logit_ulps: float, prob_ulps: float) -> np.ndarray:
+              logit_ulps: float, prob_ulps: float, softmax_dtype: str = "float32") -> np.ndarray:
     """Choices a correct kernel may make differently (near-ties).
 
     # router_logits [T, E], expert_ids [T, G] -> [T, G] bool
@@ -160,15 +166,21 @@ def near_ties(router_logits: np.ndarray, expert_ids: np.ndarray, num_groups: int
     dot product summed in another order can round to a neighbouring value); the second that
     of any softmax (exp and the sum differ by an ulp or so between implementations). An exact
     tie is always a near-tie. The values a case uses are refimpl.golden.ROUTER_LOGIT_ULPS.
+    Under softmax_dtype="activation" the probabilities compared are rounded to the logits'
+    dtype, so the probability margin is counted in units of that dtype (a softmax whose exp
+    differs by an ulp of float32 can round a bf16 probability to its neighbour).
     """
     T, E = router_logits.shape
     size = _group_size(E, num_groups)
-    logit_margin, prob_margin = routing_margins(router_logits, expert_ids, num_groups)
+    logit_margin, prob_margin = routing_margins(router_logits, expert_ids, num_groups,
+                                                softmax_dtype)
     dt = np.asarray(router_logits).dtype
     logits = to_accum(router_logits).astype(np.float64).reshape(T, num_groups, size)
     magnitude = np.abs(logits).max(axis=-1)                                # [T, G]
     logit_ulp = np.spacing(magnitude.astype(dt)).astype(np.float64)        # [T, G]
     probs = softmax(router_logits, axis=-1)                                # [T, E] accum
+    if softmax_dtype == "activation":
+        probs = round_to(probs, dt).astype(dt)                             # storage values
     chosen = np.take_along_axis(probs, np.asarray(expert_ids), axis=1)     # [T, G]
     prob_ulp = np.spacing(chosen).astype(np.float64)
     return (logit_margin <= logit_ulps * logit_ulp) | (prob_margin <= prob_ulps * prob_ulp)
