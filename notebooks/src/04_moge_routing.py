@@ -321,3 +321,102 @@ for t in range(2):
 err = np.abs(y - ref).max() / np.abs(ref).max()
 print(f"moe_block vs the formula in float64: max relative error {err:.1e}")
 assert err < 1e-5
+
+# %% [markdown]
+# ## Serving the block: two numerics profiles, the voted router, expert parallelism
+#
+# Deployments do not run the block the way Hugging Face eager does (docs/conventions.md,
+# docs/moe_serving.md). Three things change what a kernel developer's golden must say.
+#
+# **1. Where the router's softmax is rounded.** vllm-ascend takes the softmax in bf16 and
+# picks each group's argmax among the *rounded* probabilities (ties to the lowest id). On the
+# same bf16 logits the two profiles choose differently for a small fraction of the choices,
+# more when the router's logits are narrow (probabilities closer together):
+
+# %%
+import ml_dtypes
+bf16 = np.dtype(ml_dtypes.bfloat16)
+ones = np.ones((1, E), bf16)
+spreads = [0.05, 0.1, 0.3, 1.0, 2.0]
+differ = []
+for sd in spreads:
+    logits = (np.random.default_rng(7).standard_normal((4096, E)) * sd).astype(bf16)
+    hf_ids, _ = ops.moge_route(logits, ones, G)                                 # float32 softmax
+    va_ids, _ = ops.moge_route(logits, ones, G, softmax_dtype="activation")     # bf16 softmax
+    differ.append((hf_ids != va_ids).mean())
+    ties = ops.near_ties(logits, va_ids, G, 0, 1, softmax_dtype="activation")
+    assert ties[hf_ids != va_ids].all()      # every differing choice is a bf16 near-tie
+    print(f"logit std {sd:4}: {100 * differ[-1]:5.2f}% of {hf_ids.size} choices differ")
+fig, ax = plt.subplots()
+ax.semilogx(spreads, [100 * d for d in differ], "o-")
+ax.set_xlabel("router logit standard deviation"); ax.set_ylabel("% choices differing")
+ax.set_title("float32 vs bf16 router softmax, same bf16 logits")
+plt.show()
+assert differ[0] > differ[-1] > 0
+
+# %% [markdown]
+# Every differing choice is a near-tie: the two probabilities round to the same bf16 value or
+# to neighbours. That is why a golden's expert ids must carry the rule that says which choices
+# a correct kernel may decide either way (`expert_ids.near_tie`), and why a golden made under
+# one profile records it (`parameters.conventions`).
+#
+# **2. The voted router of the 300I Duo deployment.** Per group only the 5 experts the batch
+# chose most stay eligible; outvoted tokens move to their best eligible expert. Its result
+# depends on the batch: the same token alone keeps its own choice.
+
+# %%
+batch_sizes = [1, 4, 16, 64, 256, 1024]
+moved = []
+for T_b in batch_sizes:
+    xb = hidden_states(T_b, seed=3)
+    lg = ops.linear(xb, W_gate)
+    plain, _ = ops.moge_route(lg, router_scale, G)
+    voted, _ = ops.moge_route(lg, router_scale, G, num_voted_experts=5)
+    moved.append((plain != voted).mean())
+    print(f"batch of {T_b:5d} tokens: {100 * moved[-1]:5.1f}% of choices moved by the vote")
+fig, ax = plt.subplots()
+ax.semilogx(batch_sizes, [100 * m for m in moved], "o-")
+ax.set_xlabel("tokens in the batch"); ax.set_ylabel("% choices moved")
+ax.set_title("voted router (num_voted_experts = 5) against plain MoGE")
+plt.show()
+assert moved[0] == 0.0                     # one token: its own vote is the only one
+
+# %% [markdown]
+# On these states the vote moves almost a fifth of the choices once the batch holds more
+# than a few tokens: a golden of this router is a golden of its batch, and it says so.
+#
+# **3. Expert parallelism.** With the 8 groups on 8 ranks (`ops.moe_block_ep`), each token
+# sends exactly one row to every rank: the send-count matrix of the all-to-all has equal
+# column sums. Global top-8 on the same logits does not. The EP computation itself changes no
+# bit of the result: every expert multiplies the same rows in the same order.
+
+# %%
+T_ep = 512
+xe = hidden_states(T_ep, seed=5)
+lg = ops.linear(xe, W_gate)
+moge_ids, _ = ops.moge_route(lg, router_scale, G)
+top_ids = ops.global_topk_ids(lg, G)
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+for ax, (name, ids_) in zip(axes, [("MoGE", moge_ids), ("global top-8", top_ids)]):
+    loads = ops.rank_loads(ids_, E, 8)
+    ax.bar(range(8), loads)
+    ax.set_title(f"{name}: rows per rank, spread {100 * ops.load_spread(loads):.1f}%")
+    ax.set_xlabel("rank")
+plt.show()
+assert (ops.rank_loads(moge_ids, E, 8) == T_ep).all()
+
+# a small block at real width for the bit-for-bit check: 24 tokens, experts narrowed to 64
+I_small = 64
+rng_ep = np.random.default_rng(1)
+ex_small = [tuple((rng_ep.standard_normal(s) * 0.05).astype(np.float32) for s in
+                  ((I_small, H), (I_small, H), (H, I_small))) for _ in range(E)]
+sh_small = tuple((rng_ep.standard_normal(s) * 0.05).astype(np.float32) for s in
+                 ((I_small, H), (I_small, H), (H, I_small)))
+x24 = xe[:24]
+one = ops.moe_block(x24, W_gate, router_scale, ex_small, sh_small, G)
+for ep in (2, 4, 8, 16):
+    y_ep, plan = ops.moe_block_ep(x24, W_gate, router_scale, ex_small, sh_small, G, ep)
+    assert np.array_equal(y_ep.view(np.uint32), one.view(np.uint32))
+print("send counts for ep = 8 (rows source rank s sends to rank r):")
+print(ops.moe_block_ep(x24, W_gate, router_scale, ex_small, sh_small, G, 8)[1]["send_counts"])
+print("moe_block_ep equals moe_block bit for bit for ep = 2, 4, 8, 16")
