@@ -22,7 +22,7 @@ from refimpl.config import ModelConfig, preset
 from refimpl.errors import ConfigError, InputError
 from refimpl.numerics import storage_dtype
 
-torch = pytest.importorskip("torch", reason="torch is in the test extra")
+import torch  # noqa: E402  (the test extra; a missing torch fails, not skips)
 MODES = ("fp64", "fp32", "bf16", "fp16")
 TORCH_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
             "fp64": torch.float64}
@@ -255,3 +255,22 @@ def test_voted_router_in_a_batched_step_votes_over_the_whole_batch(backend):
                   for i in range(L)}
         start += len(ids)
         np.testing.assert_array_equal(bits(out), bits(model.forward(ids, expert_ids=forced)))
+
+
+def test_moe_ep_goldens_follow_ep_size_and_refuse_bad_ones(tmp_path):
+    from refimpl.golden import operator_cases
+
+    cases = operator_cases("tiny-moge", ["moe_ep"], "bf16", tokens=8, ep_size=4)
+    names = [c.name for c in cases]
+    assert names == [f"tiny-moge-moe-ep-rank{r}-bf16" for r in range(4)] + \
+        ["tiny-moge-moe-ep-combine-bf16"]
+    assert cases[0].parameters["ep_size"] == 4 and "--ep-size 4" in cases[0].command
+    assert np.asarray(cases[0].parameters["send_counts"]).shape == (4, 4)
+    for bad in (5, 0, 24):
+        with pytest.raises(InputError, match="--ep-size"):
+            operator_cases("tiny-moge", ["moe_ep"], "bf16", tokens=8, ep_size=bad)
+    r = subprocess.run([sys.executable, "-m", "refimpl", "golden", "--model", "tiny-moge",
+                        "--token-ids", "1,2", "--ep-size", "2", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--ep-size goes with --preset" in r.stderr
+    assert r.stderr.count("\n") == 1

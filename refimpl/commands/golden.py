@@ -53,6 +53,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
                    help="tokens per block of the paged KV cache (--preset: paged_attention, "
                         "reshape_and_cache; --model: --step)")
+    p.add_argument("--ep-size", type=int, default=None, metavar="N",
+                   help="with --preset: expert-parallel ranks of the moe_ep cases (a divisor "
+                        "of the experts; default one expert group per rank)")
     add_conventions_argument(p)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="with --preset: change a config field (JSON value), e.g. "
@@ -219,6 +222,7 @@ def main(args) -> int:
         cases = operator_cases(args.preset, ops, args.numerics, seed=args.seed,
                                tokens=args.tokens, rope_angles=args.rope_angles, export=export,
                                overrides=overrides, block_size=args.block_size,
+                               ep_size=args.ep_size,
                                context=args.context)
     else:
         if args.set:
@@ -226,6 +230,8 @@ def main(args) -> int:
         if args.context is not None:
             raise InputError("--context goes with --preset, not --model (the model case's "
                              "context is its tokens)")
+        if args.ep_size is not None:
+            raise InputError("--ep-size goes with --preset (the moe_ep cases), not --model")
         cases = _model_mode(args, export)
     for case in cases:  # --model: made one at a time, each written before the next
         path = write_case(args.out, case, export)

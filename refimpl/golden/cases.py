@@ -145,6 +145,7 @@ class _Ctx:
     overrides: dict
     block_size: int = DEFAULT_BLOCK_SIZE
     context: int | None = None
+    ep_size: int | None = None
 
     @property
     def dtype(self) -> np.dtype:
@@ -164,6 +165,8 @@ class _Ctx:
             parts.append(f"--block-size {self.block_size}")
         if op in CONTEXT_OPERATORS and self.context is not None:
             parts.append(f"--context {self.context}")
+        if op == "moe_ep" and self.ep_size is not None:
+            parts.append(f"--ep-size {self.ep_size}")
         for name, value in self.overrides.items():
             text = json.dumps(list(value) if isinstance(value, tuple) else value)
             parts.append(f"--set {shlex.quote(f'{name}={text}')}")
@@ -306,11 +309,13 @@ def parse_ops(text: str | None, config: ModelConfig, name: str) -> list:
 @_deterministic
 def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens: int = 16,
                    rope_angles: str | None = None, export=(), overrides=None,
-                   block_size: int = DEFAULT_BLOCK_SIZE, context: int | None = None) -> list:
+                   block_size: int = DEFAULT_BLOCK_SIZE, context: int | None = None,
+                   ep_size: int | None = None) -> list:
     """The cases of the named operators at the preset's shapes (see the module docstring);
     `overrides` change config fields (`golden --set FIELD=VALUE`); `block_size` is the paged
     cache's (`--block-size`); `context` the positions the attention cases' queries see
-    (`--context`, default `tokens`)."""
+    (`--context`, default `tokens`); `ep_size` the ranks of the moe_ep cases (`--ep-size`, a
+    divisor of the experts; default one group per rank)."""
     overrides = dict(overrides or {})
     config = preset(preset_name, **overrides)
     storage_dtype(mode)  # refuse an unknown mode first
@@ -330,7 +335,11 @@ def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens
     ops_list = parse_ops(",".join(operators), config, preset_name)
     ctx = _Ctx(config, preset_name, mode, int(seed), tokens, tuple(export),
                rope_angles or config.rope_angles, rope_angles is not None, overrides,
-               block_size, context)
+               block_size, context, ep_size)
+    if ep_size is not None and (not config.is_moge or not isinstance(ep_size, int)
+                                or ep_size < 1 or config.num_experts % ep_size):
+        raise InputError(f"--ep-size must be a positive divisor of the experts of a MoGE "
+                         f"preset ({config.num_experts} in {preset_name}), got {ep_size}")
     builders = {"rms_norm": _rms_norm_cases, "rope": _rope_cases,
                 "attention": _attention_cases, "swiglu": _swiglu_cases,
                 "moge_route": _moge_route_cases, "moe": _moe_cases,
@@ -1088,11 +1097,12 @@ _STAGE_TAPS = ("stages.sorted_row_idx", "stages.expanded_row_idx", "stages.exper
 
 
 def _moe_ep_cases(ctx: _Ctx) -> list:
-    """Expert parallelism over ep = G ranks (one group each): a case per rank (its received
-    rows through its local experts) and a combine case (the sources' return trip)."""
+    """Expert parallelism over ep ranks (`--ep-size`, default G: one group each): a case per
+    rank (its received rows through its local experts) and a combine case (the sources'
+    return trip)."""
     c, T, dt = ctx.config, ctx.tokens, ctx.dtype
     E, H, I, G = c.num_experts, c.hidden_size, c.moe_intermediate_size, c.num_groups
-    ep = G
+    ep = ctx.ep_size or G
     p = "model.layers.0.mlp."
     x = ctx.normal("moe.x", (T, H))                          # the moe case's tokens
     gate, scale = ctx.weight(p + "gate.weight"), ctx.weight(p + "router_scale")
@@ -1102,7 +1112,7 @@ def _moe_ep_cases(ctx: _Ctx) -> list:
     _, ids, _ = ops.moe_route_block(x, gate, scale, G, None, c.router_softmax_dtype,
                                     c.voted_experts)
     size = c.experts_per_group
-    for g in range(G):               # every rank (group) gets an expert with no tokens
+    for g in range(G):               # every group (so every rank of whole groups) gets an idle expert
         col = ids[:, g] - g * size
         counts = np.bincount(col, minlength=size)
         if counts.min() > 0:
@@ -1122,7 +1132,8 @@ def _moe_ep_cases(ctx: _Ctx) -> list:
               "weight_point": c.moe_weight_point,
               "selection": "layer 0's router on the moe case's tokens; in each group where "
                            "every expert was chosen, the least chosen one's tokens moved to the "
-                           "next expert of the group, so every rank has an expert with no rows"}
+                           "next expert of the group, so every group has an expert with no rows (every rank, "
+                           "when a rank holds whole groups)"}
     cases = []
     per = E // ep
     for r, rank in enumerate(plan["ranks"]):
