@@ -43,17 +43,11 @@ def _dispatch(flat, N, K, E, v1, sorted_ids, sorted_row_idx, expanded_row_idx, c
 def moe_dispatch(expert_ids, num_experts: int, convention: str = "v1", x=None) -> dict:
     """`refimpl.ops.moe_dispatch` by a counting sort in one pass (exactly its outputs).
     # expert_ids int [N, K] (, x [N, H]) -> dict (see the spec)"""
-    ids = np.asarray(expert_ids)
     if convention not in spec.moe_stages.ROW_IDX_CONVENTIONS:
         raise InputError(f"row index convention {convention!r}: choose v1 or v2")
-    if ids.ndim != 2 or ids.dtype.kind not in "iu":
-        raise InputError(f"expert_ids must be integers [tokens, k], got {list(ids.shape)} of "
-                         f"{ids.dtype}")
+    ids = spec.moe_stages.check_routed_ids(expert_ids, num_experts)
     N, K = ids.shape
-    flat = np.ascontiguousarray(ids.reshape(-1).astype(np.int64))
-    if flat.size and (flat.min() < 0 or flat.max() >= num_experts):
-        bad = int(flat[(flat < 0) | (flat >= num_experts)][0])
-        raise InputError(f"expert id {bad} is outside [0, {num_experts})")
+    flat = np.ascontiguousarray(ids.reshape(-1))
     out = {name: np.empty(N * K, np.int64) for name in
            ("sorted_expert_ids", "sorted_row_idx", "expanded_row_idx")}
     counts = np.zeros(num_experts, np.int64)
@@ -156,16 +150,9 @@ def moe_combine(rows: np.ndarray, scales, expanded_row_idx, skip=None, bias=None
     check_dtype(rows, "moe_combine")
     if convention not in spec.moe_stages.ROW_IDX_CONVENTIONS:
         raise InputError(f"row index convention {convention!r}: choose v1 or v2")
+    sc, dst = spec.moe_stages.check_combine(rows, sc, expanded_row_idx)
     N, K = sc.shape
-    dst = np.asarray(expanded_row_idx)
-    if dst.shape != (N * K,) or dst.dtype.kind not in "iu":
-        raise InputError(f"expanded_row_idx must be {N * K} integers, got {list(dst.shape)} "
-                         f"of {dst.dtype}")
-    dst = np.ascontiguousarray(dst.astype(np.int64))
-    if (dst >= rows.shape[0]).any() or (dst < -1).any():
-        bad = int(dst[(dst >= rows.shape[0]) | (dst < -1)][0])
-        raise InputError(f"expanded_row_idx entry {bad} is outside the {rows.shape[0]} rows "
-                         "(or -1 for a dropped slot)")
+    dst = np.ascontiguousarray(dst)
     if any(np.asarray(s).dtype != rows.dtype for s in skips):   # mixed dtypes: the spec
         return spec.moe_combine(rows, scales, expanded_row_idx, skip, bias, expert_ids,
                                 convention)

@@ -531,6 +531,18 @@ def _exact(shape, lo, hi, shift, dtype, seed):
     return (np.random.default_rng(seed).integers(lo, hi, size=shape) * 2.0 ** -shift).astype(dtype)
 
 
+def _exact_moe_inputs(dt, T, E=16, G=4, H=32, I=24):
+    """A MoGE block's inputs whose every sum is exact (`_exact`)."""
+    x = _exact((T, H), 0, 4, 2, dt, T)
+    gate = _exact((E, H), -3, 4, 3, dt, 1)
+    scale = _exact((1, E), 2, 7, 2, dt, 2)
+    experts = [(_exact((I, H), -1, 3, 2, dt, 10 * e), _exact((I, H), -1, 3, 2, dt, 10 * e + 1),
+                _exact((H, I), -2, 3, 3, dt, 10 * e + 2)) for e in range(E)]
+    shared = (_exact((40, H), -1, 3, 2, dt, 3), _exact((40, H), -1, 3, 2, dt, 4),
+              _exact((H, 40), -2, 3, 3, dt, 5))
+    return x, gate, scale, experts, shared, G
+
+
 EXACT_MODES = ("fp64", "fp32", "bf16", "fp16")
 #: modes where the operators below can be exact: their intermediates (silu(g) * u, the
 #: probabilities) are rounded to an 8- or 11-bit significand, so the next product's sum is
@@ -563,14 +575,7 @@ def test_swiglu_equals_the_spec_bit_for_bit_on_exact_inputs(mode, T, H, I):
 @pytest.mark.parametrize("T", [1, 40])
 def test_moe_block_equals_the_spec_bit_for_bit_on_exact_inputs(mode, T):
     dt = storage_dtype(mode)
-    E, G, H, I = 16, 4, 32, 24
-    x = _exact((T, H), 0, 4, 2, dt, T)
-    gate = _exact((E, H), -3, 4, 3, dt, 1)
-    scale = _exact((1, E), 2, 7, 2, dt, 2)
-    experts = [(_exact((I, H), -1, 3, 2, dt, 10 * e), _exact((I, H), -1, 3, 2, dt, 10 * e + 1),
-                _exact((H, I), -2, 3, 3, dt, 10 * e + 2)) for e in range(E)]
-    shared = (_exact((40, H), -1, 3, 2, dt, 3), _exact((40, H), -1, 3, 2, dt, 4),
-              _exact((H, 40), -2, 3, 3, dt, 5))
+    x, gate, scale, experts, shared, G = _exact_moe_inputs(dt, T)
     got, want = {}, {}
     y = K.moe_block(x, gate, scale, experts, shared, G, record=got.__setitem__)
     ref = ops.moe_block(x, gate, scale, experts, shared, G, record=want.__setitem__)
@@ -803,14 +808,7 @@ def test_moe_block_vllm_ascend_profile_matches_spec(mode, T):
 @pytest.mark.parametrize("point", ["after_down", "before_down"])
 def test_moe_block_profiles_equal_the_spec_bit_for_bit_on_exact_inputs(mode, T, point):
     dt = storage_dtype(mode)
-    E, G, H, I = 16, 4, 32, 24
-    x = _exact((T, H), 0, 4, 2, dt, T)
-    gate = _exact((E, H), -3, 4, 3, dt, 1)
-    scale = _exact((1, E), 2, 7, 2, dt, 2)
-    experts = [(_exact((I, H), -1, 3, 2, dt, 10 * e), _exact((I, H), -1, 3, 2, dt, 10 * e + 1),
-                _exact((H, I), -2, 3, 3, dt, 10 * e + 2)) for e in range(E)]
-    shared = (_exact((40, H), -1, 3, 2, dt, 3), _exact((40, H), -1, 3, 2, dt, 4),
-              _exact((H, 40), -2, 3, 3, dt, 5))
+    x, gate, scale, experts, shared, G = _exact_moe_inputs(dt, T)
     kw = {"router_softmax_dtype": "activation", "weight_point": point}
     y = K.moe_block(x, gate, scale, experts, shared, G, **kw)
     np.testing.assert_array_equal(bits(y), bits(ops.moe_block(x, gate, scale, experts, shared,

@@ -33,6 +33,38 @@ def _slots(N: int, K: int, convention: str) -> np.ndarray:
     return (k * N + t if convention == "v1" else t * K + k).astype(np.int64)
 
 
+def check_routed_ids(expert_ids, num_experts: int) -> np.ndarray:
+    """Routed ids as int64 [N, K]; InputError unless integers in [0, num_experts)."""
+    ids = np.asarray(expert_ids)
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise InputError(f"expert_ids must be integers [tokens, k], got {list(ids.shape)} of "
+                         f"{ids.dtype}")
+    ids = ids.astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+        bad = int(ids[(ids < 0) | (ids >= num_experts)][0])
+        raise InputError(f"expert id {bad} is outside [0, {num_experts})")
+    return ids
+
+
+def check_combine(rows: np.ndarray, scales, expanded_row_idx):
+    """The combine's index inputs: (scales [N, K], expanded_row_idx as int64 [N*K]);
+    InputError unless every entry is a row of `rows` or -1 (a dropped slot)."""
+    sc = np.asarray(scales)
+    if sc.ndim != 2:
+        raise InputError(f"scales must be [tokens, k], got {list(sc.shape)}")
+    N, K = sc.shape
+    dst = np.asarray(expanded_row_idx)
+    if dst.shape != (N * K,) or dst.dtype.kind not in "iu":
+        raise InputError(f"expanded_row_idx must be {N * K} integers, got {list(dst.shape)} "
+                         f"of {dst.dtype}")
+    dst = dst.astype(np.int64)
+    if (dst >= rows.shape[0]).any() or (dst < -1).any():
+        bad = int(dst[(dst >= rows.shape[0]) | (dst < -1)][0])
+        raise InputError(f"expanded_row_idx entry {bad} is outside the {rows.shape[0]} rows "
+                         "(or -1 for a dropped slot)")
+    return sc, dst
+
+
 def moe_dispatch(expert_ids, num_experts: int, convention: str = "v1", x=None) -> dict:
     """Permute (token, choice) slots into expert order.
 
@@ -45,15 +77,8 @@ def moe_dispatch(expert_ids, num_experts: int, convention: str = "v1", x=None) -
     #   expanded_x        [N*K, H]     x[token of sorted_row_idx[i]] (when x is given)
     The token of a slot is slot % N in v1 and slot // K in v2.
     """
-    ids = np.asarray(expert_ids)
-    if ids.ndim != 2 or ids.dtype.kind not in "iu":
-        raise InputError(f"expert_ids must be integers [tokens, k], got {list(ids.shape)} of "
-                         f"{ids.dtype}")
+    ids = check_routed_ids(expert_ids, num_experts)
     N, K = ids.shape
-    ids = ids.astype(np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
-        bad = int(ids[(ids < 0) | (ids >= num_experts)][0])
-        raise InputError(f"expert id {bad} is outside [0, {num_experts})")
     flat = ids.reshape(-1)                                   # token-major: t * K + k
     order = np.argsort(flat, kind="stable")                  # destination i -> flat position
     sorted_row_idx = _slots(N, K, convention).reshape(-1)[order]
@@ -132,19 +157,8 @@ def moe_combine(rows: np.ndarray, scales, expanded_row_idx, skip=None, bias=None
     rows' dtype at the end.
     """
     rows = np.asarray(rows)
-    sc = np.asarray(scales)
-    if sc.ndim != 2:
-        raise InputError(f"scales must be [tokens, k], got {list(sc.shape)}")
+    sc, dst = check_combine(rows, scales, expanded_row_idx)
     N, K = sc.shape
-    dst = np.asarray(expanded_row_idx)
-    if dst.shape != (N * K,) or dst.dtype.kind not in "iu":
-        raise InputError(f"expanded_row_idx must be {N * K} integers, got {list(dst.shape)} "
-                         f"of {dst.dtype}")
-    dst = dst.astype(np.int64)
-    if (dst >= rows.shape[0]).any() or (dst < -1).any():
-        bad = int(dst[(dst >= rows.shape[0]) | (dst < -1)][0])
-        raise InputError(f"expanded_row_idx entry {bad} is outside the {rows.shape[0]} rows "
-                         "(or -1 for a dropped slot)")
     acc = to_accum(rows)
     out = np.zeros((N, rows.shape[1]), acc.dtype)
     for s in (skip if isinstance(skip, tuple) else (skip,)) if skip is not None else ():
@@ -167,5 +181,6 @@ def moe_combine(rows: np.ndarray, scales, expanded_row_idx, skip=None, bias=None
     return out.astype(rows.dtype)
 
 
-__all__ = ["ROW_IDX_CONVENTIONS", "GROUP_LIST_TYPES", "moe_dispatch", "group_bounds",
+__all__ = ["ROW_IDX_CONVENTIONS", "GROUP_LIST_TYPES", "check_routed_ids", "check_combine",
+           "moe_dispatch", "group_bounds",
            "grouped_matmul", "moe_combine"]
