@@ -766,6 +766,7 @@ def _moe_stage_times(x, gate_w, scale, experts, shared, G, token_counts, rep) ->
     (the numba stage kernels against the spec's operators, same inputs, same run)."""
     from refimpl import kernels as K
     from refimpl import ops
+    from refimpl.ops.moe import ExpertPart
 
     E = gate_w.shape[0]
     out = {}
@@ -776,7 +777,7 @@ def _moe_stage_times(x, gate_w, scale, experts, shared, G, token_counts, rep) ->
         d = K.moe_dispatch(ids, E, "v1", xt)
         cs = d["expert_cumsum"]
         act = K.grouped_gate_up(d["expanded_x"], experts, cs)
-        w_down = _Part(experts, 2)
+        w_down = ExpertPart(experts, 2, E)
         down = K.grouped_matmul(act, w_down, cs)
         ones = np.ones((T, G), np.float32)
         spec_rep = max(1, rep // 2)
@@ -789,8 +790,8 @@ def _moe_stage_times(x, gate_w, scale, experts, shared, G, token_counts, rep) ->
             "grouped gate-up + SwiGLU": (
                 lambda: K.grouped_gate_up(d["expanded_x"], experts, cs),
                 lambda: ops.silu_and_mul(
-                    ops.grouped_matmul(d["expanded_x"], _Part(experts, 0), cs),
-                    ops.grouped_matmul(d["expanded_x"], _Part(experts, 1), cs))),
+                    ops.grouped_matmul(d["expanded_x"], ExpertPart(experts, 0, E), cs),
+                    ops.grouped_matmul(d["expanded_x"], ExpertPart(experts, 1, E), cs))),
             "grouped down": (lambda: K.grouped_matmul(act, w_down, cs),
                              lambda: ops.grouped_matmul(act, w_down, cs)),
             "combine (finalize, K rows)": (
@@ -801,19 +802,6 @@ def _moe_stage_times(x, gate_w, scale, experts, shared, G, token_counts, rep) ->
         out[T] = {name: (1e3 * median_time(fast, rep), 1e3 * median_time(slow, spec_rep))
                   for name, (fast, slow) in stages.items()}
     return out
-
-
-class _Part:
-    """weights[e] = experts[e][part]: a grouped matmul's weight list."""
-
-    def __init__(self, experts, part):
-        self.experts, self.part = experts, part
-
-    def __getitem__(self, e):
-        return self.experts[int(e)][self.part]
-
-    def __len__(self):
-        return len(self.experts)
 
 
 def bench_moe(args, out: dict) -> None:

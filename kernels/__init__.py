@@ -65,9 +65,10 @@ from .moe_stages import grouped_gate_up, grouped_matmul, moe_combine, moe_dispat
 from .norm import add_rms_norm, rms_norm
 from .rope import apply_rope
 
-__all__ = ["moe_dispatch", "grouped_matmul", "grouped_gate_up", "moe_combine", "add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
+__all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
            "moe_block", "moge_route", "near_ties", "routing_margins", "rms_norm", "apply_rope",
            "apply_rope_interleaved", "rope_tables", "rotate_half", "sample", "round_to_bf16",
-           "round_to_f16", "silu_and_mul", "attention_varlen", "reshape_and_cache",
+           "round_to_f16", "silu_and_mul", "moe_dispatch", "grouped_matmul", "grouped_gate_up",
+           "moe_combine", "attention_varlen", "reshape_and_cache",
            "gather_paged", "paged_attention", "add_rms_norm", "cos_sin_cache", "rope_cache",
            "qkv_proj", "swiglu_w13"]

@@ -9,6 +9,7 @@ from numba import prange
 from refimpl import ops as spec
 from refimpl.errors import InputError
 from refimpl.numerics import round_to, to_accum
+from refimpl.ops.moe_stages import slot_token_choice
 
 from ._dtypes import acc_np, acc_zero, check_dtype, empty, ld, like, parallel, raw, rnd, st, vexp
 from .linear import linear
@@ -128,9 +129,7 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
                               router_softmax_dtype=router_softmax_dtype,
                               weight_point=weight_point, num_voted_experts=num_voted_experts,
                               stage_taps=True)
-    if weight_point not in spec.moe.MOE_WEIGHT_POINTS:
-        raise InputError(f"MoE weight point {weight_point!r}: choose one of "
-                         f"{', '.join(spec.moe.MOE_WEIGHT_POINTS)}")
+    spec.moe.check_weight_point(weight_point)
     x = np.asarray(x)
     check_dtype(x, "moe_block")
     dt = x.dtype
@@ -151,13 +150,13 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     chosen = {int(e): experts[int(e)] for e in np.flatnonzero(d["expert_counts"])}
     act = grouped_gate_up(d["expanded_x"], chosen, d["expert_cumsum"])   # [T*G, I]
     if weight_point == "before_down":
-        w_rows = weights_s[src % T, src // T]                       # each row's weight
+        w_rows = weights_s[slot_token_choice(src, T, G)]            # each row's weight
         act = round_to(to_accum(act) * to_accum(w_rows)[:, None], dt).astype(dt)
-    down = grouped_matmul(act, _Down(chosen, E), d["expert_cumsum"])  # [T*G, H]
+    down = grouped_matmul(act, spec.moe.ExpertPart(chosen, 2, E), d["expert_cumsum"])  # [T*G, H]
     bounds = np.r_[0, d["expert_cumsum"]]
     if record:
         for e in chosen:
-            tok = src[bounds[e]:bounds[e + 1]] % T
+            tok = slot_token_choice(src[bounds[e]:bounds[e + 1]], T, G)[0]
             record(f"experts.{e}.token_idx", tok.astype(np.int64))
             record(f"experts.{e}.in", x[tok])
             record(f"experts.{e}.out", down[bounds[e]:bounds[e + 1]])
@@ -173,15 +172,3 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
         _combine(raw(down), rows, raw(weights_s), raw(shared), parallel(down.size), y_raw)
     return y
 
-
-class _Down:
-    """weights[e] = the down_proj of a selected expert (the down grouped matmul's list)."""
-
-    def __init__(self, chosen, n):
-        self.chosen, self.n = chosen, n
-
-    def __getitem__(self, e):
-        return self.chosen[int(e)][2]
-
-    def __len__(self):
-        return self.n

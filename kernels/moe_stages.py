@@ -59,7 +59,7 @@ def moe_dispatch(expert_ids, num_experts: int, convention: str = "v1", x=None) -
         if x.ndim != 2 or x.shape[0] != N:
             raise InputError(f"x must be [{N}, hidden] for {N} tokens, got {list(x.shape)}")
         src = out["sorted_row_idx"]
-        out["expanded_x"] = x[src % N if convention == "v1" else src // K]
+        out["expanded_x"] = x[spec.moe_stages.slot_token_choice(src, N, K, convention)[0]]
     return out
 
 

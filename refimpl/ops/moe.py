@@ -8,7 +8,7 @@ from ..errors import InputError
 from ..numerics import round_to, to_accum
 from .basic import linear, softmax
 from .mlp import silu_and_mul, swiglu
-from .moe_stages import grouped_matmul, moe_combine, moe_dispatch
+from .moe_stages import grouped_matmul, moe_combine, moe_dispatch, slot_token_choice
 
 
 def _group_size(num_experts: int, num_groups: int) -> int:
@@ -73,6 +73,13 @@ def moge_vote(probs: np.ndarray, num_groups: int, num_voted_experts: int) -> np.
     keep = np.zeros((num_groups, size), bool)
     np.put_along_axis(keep, ranked[:, :num_voted_experts], True, axis=1)
     return keep
+
+
+def check_weight_point(weight_point: str) -> None:
+    """InputError unless weight_point is one of MOE_WEIGHT_POINTS."""
+    if weight_point not in MOE_WEIGHT_POINTS:
+        raise InputError(f"MoE weight point {weight_point!r}: choose one of "
+                         f"{', '.join(MOE_WEIGHT_POINTS)}")
 
 
 def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: int,
@@ -216,8 +223,8 @@ def moe_experts(rows: np.ndarray, group_list, experts, row_weights=None, record=
     E = len(counts)
     if not chosen:                                   # no rows at all (an idle EP rank)
         return np.zeros(rows.shape, dt)
-    gate = grouped_matmul(rows, _ExpertWeights(chosen, 0, E), group_list)  # [R, I]
-    up = grouped_matmul(rows, _ExpertWeights(chosen, 1, E), group_list)    # [R, I]
+    gate = grouped_matmul(rows, ExpertPart(chosen, 0, E), group_list)  # [R, I]
+    up = grouped_matmul(rows, ExpertPart(chosen, 1, E), group_list)    # [R, I]
     act = silu_and_mul(gate, up)                                           # [R, I]
     if record:
         record("stages.gate_up", np.concatenate([gate, up], axis=1))
@@ -227,7 +234,7 @@ def moe_experts(rows: np.ndarray, group_list, experts, row_weights=None, record=
                        dt).astype(dt)                                      # round(act * w)
         if record:
             record("stages.act_weighted", act)
-    return grouped_matmul(act, _ExpertWeights(chosen, 2, E), group_list)   # [R, H]
+    return grouped_matmul(act, ExpertPart(chosen, 2, E), group_list)   # [R, H]
 
 
 def moe_unpermute(down: np.ndarray, dispatch: dict, weights_s: np.ndarray,
@@ -242,14 +249,14 @@ def moe_unpermute(down: np.ndarray, dispatch: dict, weights_s: np.ndarray,
     scales, `moe_combine` (float32 sum in choice order, one rounding).
     """
     dt = down.dtype
-    T = weights_s.shape[0]
+    T, G = weights_s.shape
     if weight_point == "before_down":
         return moe_combine(down, np.ones(weights_s.shape), dispatch["expanded_row_idx"])
     bounds = np.r_[0, dispatch["expert_cumsum"]]
     y = np.zeros((T, down.shape[1]), to_accum(down[:0]).dtype)   # [T, H], values in dt
     for e in np.flatnonzero(dispatch["expert_counts"]):           # ascending expert id
         src = dispatch["sorted_row_idx"][bounds[e]:bounds[e + 1]]
-        tok, slot = src % T, src // T                             # tokens in ascending order
+        tok, slot = slot_token_choice(src, T, G)                  # tokens in ascending order
         contrib = round_to(to_accum(down[bounds[e]:bounds[e + 1]])
                            * to_accum(weights_s[tok, slot])[:, None], dt)
         y[tok] = round_to(y[tok] + contrib, dt)
@@ -283,13 +290,11 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     """
     dt = x.dtype
     T = x.shape[0]
-    if weight_point not in MOE_WEIGHT_POINTS:
-        raise InputError(f"MoE weight point {weight_point!r}: choose one of "
-                         f"{', '.join(MOE_WEIGHT_POINTS)}")
+    check_weight_point(weight_point)
     router_logits, expert_ids, weights = moe_route_block(
         x, gate_weight, router_scale, num_groups, expert_ids, router_softmax_dtype,
         num_voted_experts)
-    E = router_logits.shape[1]
+    E, G = router_logits.shape[1], expert_ids.shape[1]
     weights_s = weights.astype(dt)                                # [T, G]
     if record:
         record("router_logits", router_logits)
@@ -302,7 +307,8 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
                      "expanded_x"):
             stage(f"stages.{name}", d[name])
     src = d["sorted_row_idx"]
-    row_weights = weights_s[src % T, src // T] if weight_point == "before_down" else None
+    row_weights = (weights_s[slot_token_choice(src, T, G)] if weight_point == "before_down"
+                   else None)
     down = moe_experts(d["expanded_x"], d["expert_cumsum"], experts, row_weights, stage)
     routed = moe_unpermute(down, d, weights_s, weight_point)     # [T, H]
     if stage:
@@ -311,7 +317,7 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     if record:
         bounds = np.r_[0, d["expert_cumsum"]]
         for e in np.flatnonzero(d["expert_counts"]):
-            tok = src[bounds[e]:bounds[e + 1]] % T
+            tok = slot_token_choice(src[bounds[e]:bounds[e + 1]], T, G)[0]
             record(f"experts.{int(e)}.token_idx", tok.astype(np.int64))
             record(f"experts.{int(e)}.in", x[tok])
             record(f"experts.{int(e)}.out", down[bounds[e]:bounds[e + 1]])
@@ -321,9 +327,10 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     return round_to(to_accum(routed) + to_accum(shared), dt).astype(dt)
 
 
-class _ExpertWeights:
-    """weights[e] = chosen[e][part] (0 gate, 1 up, 2 down) of the selected experts' weights
-    (each read once from `experts`), as a grouped matmul's weight list."""
+class ExpertPart:
+    """weights[e] = experts[e][part] (0 gate, 1 up, 2 down): one projection of every expert
+    as a grouped matmul's weight list, read only where asked. `experts` is indexable by
+    expert id (a list, a lazy sequence, or a dict of the selected experts)."""
 
     def __init__(self, experts, part: int, num_experts: int):
         self.experts, self.part, self.n = experts, part, num_experts

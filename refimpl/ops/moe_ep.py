@@ -31,8 +31,8 @@ from ..errors import InputError
 from ..numerics import round_to, to_accum
 from .basic import softmax
 from .mlp import swiglu
-from .moe import MOE_WEIGHT_POINTS, moe_experts, moe_route_block, moe_unpermute
-from .moe_stages import moe_dispatch
+from .moe import check_weight_point, moe_experts, moe_route_block, moe_unpermute
+from .moe_stages import moe_dispatch, slot_token_choice
 
 
 def expert_rank(num_experts: int, ep_size: int) -> np.ndarray:
@@ -111,9 +111,7 @@ def moe_block_ep(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarra
         out             [n_r, H]        the expert outputs, in receive order (what it sends
                                         back)
     """
-    if weight_point not in MOE_WEIGHT_POINTS:
-        raise InputError(f"MoE weight point {weight_point!r}: choose one of "
-                         f"{', '.join(MOE_WEIGHT_POINTS)}")
+    check_weight_point(weight_point)
     dt = x.dtype
     T = x.shape[0]
     router_logits, ids, weights = moe_route_block(x, gate_weight, router_scale, num_groups,
@@ -131,8 +129,7 @@ def moe_block_ep(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarra
         a, b = int(bounds[s]), int(bounds[s + 1])
         d = moe_dispatch(ids[a:b], E, "v1", x[a:b])                   # over the shard
         src = d["sorted_row_idx"]
-        n = b - a
-        tok, choice = src % max(n, 1), src // max(n, 1)
+        tok, choice = slot_token_choice(src, b - a, G)
         dest = owner[d["sorted_expert_ids"]]                          # non-decreasing
         send_counts[s] = np.bincount(dest, minlength=ep_size)
         cut = np.r_[0, np.cumsum(send_counts[s])]
@@ -141,10 +138,9 @@ def moe_block_ep(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarra
                         weights_s[a + tok[cut[r]:cut[r + 1]], choice[cut[r]:cut[r + 1]]])
                        for r in range(ep_size)])
     ranks = []
-    H = x.shape[1]
     for r in range(ep_size):
         parts = [pieces[s][r] for s in range(ep_size)]
-        xr = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, H), dt)
+        xr = np.concatenate([p[0] for p in parts])
         token = np.concatenate([p[1] for p in parts]).astype(np.int64)
         expert = np.concatenate([p[2] for p in parts]).astype(np.int64)
         w_rows = np.concatenate([p[3] for p in parts]).astype(dt)

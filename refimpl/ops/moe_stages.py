@@ -33,6 +33,15 @@ def _slots(N: int, K: int, convention: str) -> np.ndarray:
     return (k * N + t if convention == "v1" else t * K + k).astype(np.int64)
 
 
+def slot_token_choice(slots, N: int, K: int, convention: str = "v1"):
+    """(token, choice) of each slot: (s % N, s // N) in v1, (s // K, s % K) in v2.
+    # slots int [R] -> int64 [R], int64 [R]"""
+    slots = np.asarray(slots, np.int64)
+    if convention == "v1":
+        return slots % max(N, 1), slots // max(N, 1)
+    return slots // max(K, 1), slots % max(K, 1)
+
+
 def check_routed_ids(expert_ids, num_experts: int) -> np.ndarray:
     """Routed ids as int64 [N, K]; InputError unless integers in [0, num_experts)."""
     ids = np.asarray(expert_ids)
@@ -92,7 +101,7 @@ def moe_dispatch(expert_ids, num_experts: int, convention: str = "v1", x=None) -
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[0] != N:
             raise InputError(f"x must be [{N}, hidden] for {N} tokens, got {list(x.shape)}")
-        token = sorted_row_idx % N if convention == "v1" else sorted_row_idx // K
+        token, _ = slot_token_choice(sorted_row_idx, N, K, convention)
         out["expanded_x"] = x[token]
     return out
 
@@ -181,6 +190,7 @@ def moe_combine(rows: np.ndarray, scales, expanded_row_idx, skip=None, bias=None
     return out.astype(rows.dtype)
 
 
-__all__ = ["ROW_IDX_CONVENTIONS", "GROUP_LIST_TYPES", "check_routed_ids", "check_combine",
+__all__ = ["ROW_IDX_CONVENTIONS", "GROUP_LIST_TYPES", "slot_token_choice", "check_routed_ids",
+           "check_combine",
            "moe_dispatch", "group_bounds",
            "grouped_matmul", "moe_combine"]
