@@ -5,7 +5,10 @@
 
 Accelerated: linear, rms_norm, apply_rope, attention, add, swiglu, moge_route, moe_block,
 paged_attention, attention_varlen, add_rms_norm, and the MoE stages moe_dispatch,
-grouped_matmul (plus grouped_gate_up, its fused gate-up SwiGLU form), moe_combine.
+grouped_matmul (plus grouped_gate_up, its fused gate-up SwiGLU form), moe_combine, and the
+W8A8 int8 matmul (`quant`: int8_matmul, with quant_matmul, w8a8_linear and
+quant_grouped_matmul running the spec's formulas on it; quantize, dynamic_quantize,
+dequantize and dequant_swiglu_quant are the spec's, elementwise).
 Re-exported from the spec unchanged: embedding (a gather), softmax, silu, silu_and_mul,
 rope_tables, rotate_half, apply_rope_interleaved, causal_mask, sample, near_ties,
 routing_margins, and (no fast path yet) the serving-boundary operators
@@ -53,7 +56,10 @@ use_source_keyed_cache()  # before any kernel module is compiled or loaded from 
 from refimpl.ops import (apply_rope_interleaved, causal_mask,
                          cos_sin_cache, embedding, gather_paged, near_ties, qkv_proj,
                          reshape_and_cache, rope_cache, rope_tables, rotate_half,
-                         routing_margins, sample, silu, silu_and_mul, softmax, swiglu_w13)
+                         routing_margins, sample, silu, silu_and_mul, softmax, swiglu_w13,
+                         quantize, static_quantize, dynamic_quantize, dequantize,
+                         dequant_swiglu_quant, group_dequantize, kv_quantize, kv_dequantize,
+                         decode_deq_scale, encode_deq_scale)
 
 from ._dtypes import round_to_bf16, round_to_f16
 from .attention import attention, attention_varlen, paged_attention
@@ -63,6 +69,8 @@ from .mlp import swiglu
 from .moe import moe_block, moge_route
 from .moe_stages import grouped_gate_up, grouped_matmul, moe_combine, moe_dispatch
 from .norm import add_rms_norm, rms_norm
+from .quant import (int8_matmul, quant_grouped_matmul, quant_matmul, quant_moe_block,
+                    w8a8_linear)
 from .rope import apply_rope
 
 __all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
@@ -71,4 +79,7 @@ __all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "so
            "round_to_f16", "silu_and_mul", "moe_dispatch", "grouped_matmul", "grouped_gate_up",
            "moe_combine", "attention_varlen", "reshape_and_cache",
            "gather_paged", "paged_attention", "add_rms_norm", "cos_sin_cache", "rope_cache",
-           "qkv_proj", "swiglu_w13"]
+           "qkv_proj", "swiglu_w13", "int8_matmul", "quant_matmul", "w8a8_linear",
+           "quant_grouped_matmul", "quant_moe_block", "quantize", "static_quantize", "dynamic_quantize",
+           "dequantize", "dequant_swiglu_quant", "group_dequantize", "kv_quantize",
+           "kv_dequantize", "decode_deq_scale", "encode_deq_scale"]

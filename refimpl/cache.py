@@ -47,6 +47,37 @@ class KVCache:
         return 2 * len(self._k) * self.length * per_position
 
 
+class QuantKVCache(KVCache):
+    """The C8 cache (an int8 KV cache, DEPLOYMENT.md section 4): keys and values stored as
+    `refimpl.ops.kv_quantize` (per-channel symmetric int8, kv_cache_scale [Hkv*D] per layer),
+    read back as `kv_dequantize` in the activation dtype. As vllm-ascend serves it: a
+    prefill from an empty cache attends to its unquantised keys and values (and stores them
+    quantised); a decode step (one token) attends to the dequantised cache, its own key
+    included. A multi-token step after cached positions (chunked prefill, a prefix-cache
+    hit) is refused: vllm-ascend implements no C8 path for it either."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype,
+                 k_scales, v_scales, capacity: int = 64):
+        super().__init__(num_layers, num_kv_heads, head_dim, np.int8, capacity)
+        self.activation_dtype = np.dtype(dtype)
+        self.k_scales, self.v_scales = list(k_scales), list(v_scales)    # [Hkv*D] each
+
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray):
+        from .ops.quant import kv_dequantize, kv_quantize
+
+        T, start = k.shape[0], self.length
+        if start and T > 1:
+            raise InputError(f"C8 KV cache: a {T}-token step after {start} cached positions "
+                             "(chunked prefill or a prefix-cache hit) is not implemented")
+        k_all, v_all = super().append(layer, kv_quantize(k, self.k_scales[layer]),
+                                      kv_quantize(v, self.v_scales[layer]))
+        if start == 0:
+            return k, v                                        # prefill: unquantised
+        dt = self.activation_dtype
+        return (kv_dequantize(k_all, self.k_scales[layer], dt),
+                kv_dequantize(v_all, self.v_scales[layer], dt))
+
+
 class PagedKVCache:
     """Keys and values of many sequences in fixed-size blocks, as a paged-attention server
     holds them (vLLM's layout, DEPLOYMENT.md section 2).

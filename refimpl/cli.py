@@ -1,4 +1,4 @@
-"""The command line: `python -m refimpl {run,init,info,golden,compare,bench,serve-sim} ...`.
+"""The command line: `python -m refimpl {run,init,quantize,info,golden,compare,bench,serve-sim} ...`.
 
 Every subcommand lives in `refimpl.commands.<name>` (serve-sim in `serve_sim`) with `add_parser(subparsers)` and
 `main(args) -> int`. Errors in the input (RefimplError) reach the user as one line on stderr
@@ -14,7 +14,7 @@ import sys
 
 from .errors import RefimplError
 
-COMMANDS = ("run", "init", "info", "golden", "compare", "bench", "serve_sim")
+COMMANDS = ("run", "init", "quantize", "info", "golden", "compare", "bench", "serve_sim")
 
 
 class _Parser(argparse.ArgumentParser):

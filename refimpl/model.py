@@ -13,12 +13,13 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import get_ops
-from .cache import KVCache, PagedKVCache
+from .cache import KVCache, PagedKVCache, QuantKVCache
 from .config import ModelConfig, resolve_config
 from .errors import InputError
 from .numerics import accum_dtype, storage_dtype
 from .ops import rope_tables
 from .taps import Taps
+from .quant.format import PARTS, check_quant_weights, quantised_linears
 from .weights import check_weights
 
 
@@ -37,27 +38,40 @@ class Model:
     """
 
     def __init__(self, config, weights, numerics: str = "fp32", backend: str = "numpy",
-                 lazy: bool = False, check: bool = True, upcast_weights: bool = True):
+                 lazy: bool = False, check: bool = True, upcast_weights: bool = True,
+                 quant: dict | None = None):
         self.config: ModelConfig = resolve_config(config)
         self.numerics = numerics
         self.dtype = storage_dtype(numerics)
         self.backend = backend
         self.ops = get_ops(backend)
-        if check:
-            check_weights(self.config, weights)
+        #: quant_model_description.json of a W8A8 checkpoint (None: a float model)
+        self.quant_description = quant
+        if quant is not None:
+            self.quant = (check_quant_weights(self.config, weights, quant) if check
+                          else quantised_linears(quant, weights))     # prefix -> scheme
+        else:
+            if check:
+                check_weights(self.config, weights)
+            self.quant = {}
+        #: tensors used as stored: the int8 weights, their scales, offsets and biases
+        self.as_stored = {name for name in weights if name.rsplit(".", 1)[0] in self.quant
+                          and not name.endswith(".bias")} | \
+            {name for name in weights if name.endswith(".kv_cache_scale")}
         self.lazy = lazy
         self.upcast_weights = upcast_weights or not lazy
         if lazy:
             self.weights = weights
         else:
-            self.weights = {name: np.asarray(w).astype(self.dtype, copy=False)
+            self.weights = {name: w if name in self.as_stored
+                            else np.asarray(w).astype(self.dtype, copy=False)
                             for name, w in weights.items()}
 
     # ------------------------------------------------------------------ weights
     def w(self, name: str) -> np.ndarray:
         """The named weight in the storage dtype (as stored, with upcast_weights=False)."""
         arr = self.weights[name]
-        if arr.dtype == self.dtype or not self.upcast_weights:
+        if arr.dtype == self.dtype or not self.upcast_weights or name in self.as_stored:
             return arr
         return np.asarray(arr).astype(self.dtype)
 
@@ -68,15 +82,62 @@ class Model:
         return (self.w(prefix + "gate_proj.weight"), self.w(prefix + "up_proj.weight"),
                 self.w(prefix + "down_proj.weight"))
 
+    # ------------------------------------------------------------------ linears
+    @property
+    def scheme(self) -> str | None:
+        """'W8A8' | 'W8A8_DYNAMIC' for a quantised checkpoint, else None."""
+        return self.quant_description["model_quant_type"] if self.quant_description else None
+
+    def quant_params(self, prefix: str) -> dict:
+        """The tensors of the quantised linear `prefix` as `ops.w8a8_linear` takes them."""
+        q = {"scheme": self.quant[prefix], "bias": self._opt(prefix + ".bias")}
+        for part in PARTS[q["scheme"]] + ("weight",):
+            q[part] = self.w(f"{prefix}.{part}")
+        return q
+
+    def proj(self, x: np.ndarray, prefix: str, record=None) -> np.ndarray:
+        """The linear `prefix` (e.g. 'model.layers.0.self_attn.q_proj'): x @ W^T + b, or
+        the W8A8 linear of a quantised checkpoint, whose int8 / int32 intermediates go to
+        `record` as '<name>.x_q', '<name>.acc' (and '<name>.token_scale'), name the prefix
+        without 'model.layers.L.'. # [T, k] -> [T, n]"""
+        if prefix not in self.quant:
+            return self.ops.linear(x, self.w(prefix + ".weight"), self._opt(prefix + ".bias"))
+        short = prefix.split(".", 3)[3] if prefix.startswith("model.layers.") else prefix
+        rec = (lambda name, array: record(f"{short}.{name}", array)) if record else None
+        return self.ops.w8a8_linear(x, self.quant_params(prefix), rec)
+
+    def mlp(self, x: np.ndarray, prefix: str, record=None) -> np.ndarray:
+        """SwiGLU of the MLP at `prefix` ('model.layers.L.mlp.' or its shared expert):
+        fused `ops.swiglu` for float weights; for W8A8, the quantised gate and up linears,
+        `ops.silu_and_mul`, the quantised down linear (vllm-ascend's MergedColumnParallel
+        gate_up, SiluAndMul, RowParallel down). # [T, H] -> [T, H]"""
+        if prefix + "down_proj" not in self.quant:
+            return self.ops.swiglu(x, *self._swiglu_weights(prefix))
+        g = self.proj(x, prefix + "gate_proj", record)
+        u = self.proj(x, prefix + "up_proj", record)
+        return self.proj(self.ops.silu_and_mul(g, u), prefix + "down_proj", record)
+
     def lm_head(self) -> np.ndarray:
         name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
         return self.w(name)
 
     # ------------------------------------------------------------------ forward
     def new_cache(self, capacity: int = 64) -> KVCache:
+        """The cache `forward` appends to: a `QuantKVCache` (int8) for a C8 checkpoint."""
         c = self.config
+        if self.kv_cache_type == "C8":
+            layers = range(c.num_hidden_layers)
+            scale = lambda i, kv: self.w(f"model.layers.{i}.self_attn.{kv}_proj.kv_cache_scale")  # noqa: E731
+            return QuantKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                                self.dtype, [scale(i, "k") for i in layers],
+                                [scale(i, "v") for i in layers], capacity)
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype,
                        capacity)
+
+    @property
+    def kv_cache_type(self) -> str | None:
+        """'C8' when the checkpoint carries int8 KV-cache scales, else None."""
+        return (self.quant_description or {}).get("kv_cache_type")
 
     def check_token_ids(self, token_ids) -> np.ndarray:
         """token ids as int64 [T]; InputError for ids outside the vocabulary or empty input."""
@@ -148,8 +209,7 @@ class Model:
 
         n1 = ops.rms_norm(x, self.w(p + "input_layernorm.weight"), c.rms_norm_eps)  # [T, H]
         a = p + "self_attn."
-        q, k, v = (each(lambda rows, _, n=n: ops.linear(rows, self.w(a + f"{n}_proj.weight"),
-                                                         self._opt(a + f"{n}_proj.bias")), n1)
+        q, k, v = (each(lambda rows, r, n=n: self.proj(rows, a + f"{n}_proj", r), n1, record)
                    for n in "qkv")
         q, k, v = q.reshape(T, Hq, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
         rec("input_norm", n1), rec("q", q), rec("k", k), rec("v", v)
@@ -161,8 +221,7 @@ class Model:
         else:
             k_all, v_all = cache.append(i, k, v) if cache is not None else (k, v)  # [S, Hkv, D]
             attn = ops.attention(q, k_all, v_all, causal=True).reshape(T, Hq * D)  # [T, Hq*D]
-        o = each(lambda rows, _: ops.linear(rows, self.w(a + "o_proj.weight"),
-                                            self._opt(a + "o_proj.bias")), attn)
+        o = each(lambda rows, r: self.proj(rows, a + "o_proj", r), attn, record)
         w_post = self.w(p + "post_attention_layernorm.weight")
         if c.residual_rounding == "fused_add_norm":          # the serving path's fused kernel
             n2, h, _ = ops.add_rms_norm(o, x, w_post, c.rms_norm_eps)
@@ -183,15 +242,25 @@ class Model:
                                                c.num_groups,
                                                softmax_dtype=c.router_softmax_dtype,
                                                num_voted_experts=c.voted_experts)
-            m = each(lambda rows, rec, forced=None: ops.moe_block(
-                rows, self.w(p + "mlp.gate.weight"), self.w(p + "mlp.router_scale"),
-                _LayerExperts(self, p + "mlp.experts."),
-                self._swiglu_weights(p + "mlp.shared_expert."), c.num_groups, record=rec,
-                expert_ids=forced, router_softmax_dtype=c.router_softmax_dtype,
-                weight_point=c.moe_weight_point, num_voted_experts=c.voted_experts),
-                n2, record, *([] if expert_ids is None else [expert_ids]))
+            if p + "mlp.experts.0.down_proj" in self.quant:
+                m = each(lambda rows, rec, forced=None: ops.quant_moe_block(
+                    rows, self.w(p + "mlp.gate.weight"), self.w(p + "mlp.router_scale"),
+                    _QuantLayerExperts(self, p + "mlp.experts."),
+                    lambda xs, r: self.mlp(xs, p + "mlp.shared_expert.", r), c.num_groups,
+                    self.scheme, record=rec, expert_ids=forced,
+                    router_softmax_dtype=c.router_softmax_dtype,
+                    num_voted_experts=c.voted_experts),
+                    n2, record, *([] if expert_ids is None else [expert_ids]))
+            else:
+                m = each(lambda rows, rec, forced=None: ops.moe_block(
+                    rows, self.w(p + "mlp.gate.weight"), self.w(p + "mlp.router_scale"),
+                    _LayerExperts(self, p + "mlp.experts."),
+                    self._swiglu_weights(p + "mlp.shared_expert."), c.num_groups, record=rec,
+                    expert_ids=forced, router_softmax_dtype=c.router_softmax_dtype,
+                    weight_point=c.moe_weight_point, num_voted_experts=c.voted_experts),
+                    n2, record, *([] if expert_ids is None else [expert_ids]))
         else:
-            m = each(lambda rows, _: ops.swiglu(rows, *self._swiglu_weights(p + "mlp.")), n2)
+            m = each(lambda rows, r: self.mlp(rows, p + "mlp.", r), n2, record)
         y = ops.add(h, m)                                    # [T, H]
         rec("mlp_out", m), rec("out", y)
         return y
@@ -199,6 +268,9 @@ class Model:
     # ------------------------------------------------------------------ serving a batch
     def new_paged_cache(self, num_blocks: int, block_size: int = 128, order=None) -> PagedKVCache:
         c = self.config
+        if self.kv_cache_type is not None:
+            raise InputError(f"the {self.kv_cache_type} (int8) KV cache has no paged form in "
+                             "refimpl yet; use forward with new_cache()")
         return PagedKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype,
                             num_blocks, block_size, order)
 
@@ -223,6 +295,9 @@ class Model:
         [N, G]} forces the MoGE selection of the packed tokens (as `forward`'s).
         """
         c, ops = self.config, self.ops
+        if self.kv_cache_type is not None:
+            raise InputError(f"Model.step: the {self.kv_cache_type} (int8) KV cache is "
+                             "implemented for forward's contiguous cache only, not the paged one")
         seqs = [seq for seq, _ in batch]
         if not seqs or len(set(seqs)) != len(seqs):
             raise InputError("a step needs at least one entry and each sequence at most once")
@@ -285,6 +360,36 @@ class _LayerExperts:
 
     def __getitem__(self, e: int):
         return self.model._swiglu_weights(f"{self.prefix}{int(e)}.")
+
+    def __len__(self):
+        return self.model.config.num_experts
+
+
+class _QuantLayerExperts:
+    """experts[e] -> (w13 int8 [2I, H], w13_scale float32 [2I], w2 int8 [H, I], w2_scale
+    float32 [H]) of one W8A8 layer, built only when asked for; `input_scales` the layer's
+    (s13, s2): the max over the experts' input_scale (the static scheme's)."""
+
+    def __init__(self, model: Model, prefix: str):
+        self.model, self.prefix = model, prefix
+
+    def _t(self, e: int, name: str) -> np.ndarray:
+        return self.model.w(f"{self.prefix}{int(e)}.{name}")
+
+    def __getitem__(self, e: int):
+        g, u, d = (f"{n}_proj." for n in ("gate", "up", "down"))
+        w13 = np.concatenate([self._t(e, g + "weight"), self._t(e, u + "weight")])
+        s13 = np.concatenate([np.asarray(self._t(e, g + "weight_scale"), np.float32),
+                              np.asarray(self._t(e, u + "weight_scale"), np.float32)])
+        return (w13, s13.reshape(-1), self._t(e, d + "weight"),
+                np.asarray(self._t(e, d + "weight_scale"), np.float32).reshape(-1))
+
+    @property
+    def input_scales(self):
+        E = self.model.config.num_experts
+        gate = max(np.float32(self._t(e, "gate_proj.input_scale")[0]) for e in range(E))
+        down = max(np.float32(self._t(e, "down_proj.input_scale")[0]) for e in range(E))
+        return gate, down
 
     def __len__(self):
         return self.model.config.num_experts

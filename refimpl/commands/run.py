@@ -15,6 +15,7 @@ from ..config import CONVENTION_PROFILES, PRESET_NAMES
 from ..errors import InputError
 from ..generate import generate
 from ..numerics import MODES
+from ..quant.format import read_description
 
 DEFAULT_PROMPT = "The json module"
 DEFAULT_CHAT_PROMPT = "Briefly, what is a language model?"
@@ -45,8 +46,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 keeps all tokens")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--numerics", choices=MODES, default="fp32",
-                   help="storage dtype of weights and activations")
+    p.add_argument("--numerics", choices=MODES + ("w8a8",), default=None,
+                   help="storage dtype of weights and activations; w8a8: a W8A8 checkpoint "
+                        "over bf16 activations (the default for one; else fp32)")
     p.add_argument("--backend", choices=BACKENDS, default="numpy")
     add_conventions_argument(p)
     p.add_argument("--layers", type=int, metavar="N",
@@ -84,6 +86,13 @@ def parse_token_ids(text: str) -> list:
 
 
 def _check_options(args) -> None:
+    if args.numerics is None:
+        quantised = is_checkpoint_dir(args.model) and read_description(args.model) is not None
+        args.numerics = "w8a8" if quantised else "fp32"
+    if args.numerics == "w8a8" and not is_checkpoint_dir(args.model):
+        raise InputError(f"--numerics w8a8 runs a W8A8 checkpoint directory, and {args.model} "
+                         "is a preset (write one with: python -m refimpl quantize --model "
+                         f"{args.model} --scheme w8a8 --out QDIR)")
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if not math.isfinite(args.temperature) or args.temperature < 0:

@@ -6,7 +6,7 @@ golden/README.md documents the format for readers in other languages. In short:
                                 command) and, per tensor: name, role, dtype, shape, sha256 of
                                 the raw little-endian bytes, tolerance and criterion
     CASE/tensors.safetensors    every tensor, bfloat16/float16 stored as such (BF16/F16),
-                                integer ids as I64
+                                integer ids as I64, int8/int32 (W8A8) as I8/I32
     CASE/NAME.npy, NAME.bin     optional exports (`--export npy,bin`): .npy, and headerless
                                 little-endian row-major .bin (bfloat16 as raw uint16 bits)
 
@@ -48,7 +48,7 @@ EXPORTS = ("npy", "bin")
 
 #: dtype name -> safetensors dtype code (all little-endian)
 SAFETENSORS_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32",
-                     "float64": "F64", "int64": "I64", "int32": "I32"}
+                     "float64": "F64", "int64": "I64", "int32": "I32", "int8": "I8"}
 
 #: torch.testing.assert_close defaults by dtype (GOLDEN-PRACTICE.md): (rtol, atol)
 DEFAULT_TOLERANCES = {"float16": (1e-3, 1e-5), "bfloat16": (1.6e-2, 1e-5),
@@ -68,7 +68,7 @@ class GoldenError(RefimplError):
 
 # ---------------------------------------------------------------------- dtypes and bytes
 def dtype_name(dtype) -> str:
-    """'bfloat16', 'float16', 'float32', 'float64', 'int64' or 'int32'."""
+    """'bfloat16', 'float16', 'float32', 'float64', 'int64', 'int32' or 'int8'."""
     name = np.dtype(dtype).name
     if name not in SAFETENSORS_CODES:
         raise GoldenError(f"dtype {name} cannot be stored in a golden case (supported: "

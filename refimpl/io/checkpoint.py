@@ -28,6 +28,7 @@ import numpy as np
 from ..config import PRESET_NAMES, ModelConfig, preset, weight_shapes
 from ..errors import CheckpointError, ConfigError
 from ..numerics import storage_dtype
+from ..quant.format import DESCRIPTION_NAME, check_quant_weights, read_description
 from ..weights import check_finite, check_weights
 from .safetensors_io import is_memory_mapped, read_safetensors, write_safetensors
 
@@ -131,7 +132,11 @@ def load_weights(path, layers: int | None = None) -> tuple[ModelConfig, dict]:
                                       "does not list")
         weights.update(tensors)  # the index maps each name to one shard: no duplicates
     check_config_agrees(config, weights)
-    check_weights(config, weights)
+    desc = read_description(path)
+    if desc is None:
+        check_weights(config, weights)
+    else:
+        check_quant_weights(config, weights, desc)
     if layers is not None:
         config, weights = first_layers(config, weights, layers)
     return config, weights
@@ -150,7 +155,11 @@ def first_layers(config: ModelConfig, weights: dict, layers: int) -> tuple[Model
                               f"{config.num_hidden_layers})")
     config = with_layers(config, layers)
     keep = weight_shapes(config)
-    return config, {name: w for name, w in weights.items() if name in keep}
+
+    def kept(name):          # a float tensor of the config, or a layer's W8A8 / C8 part
+        m = _LAYER_RE.match(name)
+        return name in keep or (m is not None and int(m.group(1)) < layers)
+    return config, {name: w for name, w in weights.items() if kept(name)}
 
 
 def with_layers(config: ModelConfig, layers: int) -> ModelConfig:
@@ -249,18 +258,29 @@ def load_model(path, numerics: str = "fp32", backend: str = "numpy", lazy: bool 
                allow_nonfinite: bool = False, layers: int | None = None):
     """A `refimpl.Model` from a checkpoint directory, its weights memory-mapped.
 
-    numerics/backend/lazy as in `refimpl.Model`: with lazy=False a tensor stored in the
+    numerics/backend/lazy as in `refimpl.Model` (plus 'w8a8': a W8A8 checkpoint over bf16
+    activations; a W8A8 checkpoint runs in any mode, its integer path unchanged, and its
+    quant_model_description.json is validated with the tensors): with lazy=False a tensor stored in the
     storage dtype stays a view of the file and any other is converted once; with lazy=True
     every tensor is converted when it is used. NaN/Inf weights are refused unless
     allow_nonfinite. `layers` keeps the first that many layers.
     """
     from ..model import Model
 
+    desc = read_description(path)
+    if numerics == "w8a8":
+        if desc is None:
+            raise CheckpointError(f"--numerics w8a8 runs a W8A8 checkpoint, and {path} has no "
+                                  f"{DESCRIPTION_NAME} (write one with: python -m refimpl "
+                                  "quantize --model DIR --scheme w8a8 --out QDIR)")
+        numerics = "bf16"
     storage_dtype(numerics)  # refuse an unknown mode before touching the files
     config, weights = load_weights(path, layers=layers)
     if not allow_nonfinite:
         check_all_finite(weights)
-    return Model(config, weights, numerics=numerics, backend=backend, lazy=lazy, check=False)
+    model = Model(config, weights, numerics=numerics, backend=backend, lazy=lazy, check=False,
+                  quant=desc)
+    return model
 
 
 # ---------------------------------------------------------------------- writing
@@ -281,7 +301,8 @@ def shard_plan(specs: dict, max_shard_bytes: int) -> list:
 
 
 def save_checkpoint(directory, config: ModelConfig, weights, dtype="bf16",
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer=None) -> dict:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer=None,
+                    specs: dict | None = None, extra_json: dict | None = None) -> dict:
     """Write config.json and the weights in `dtype` ('bf16' | 'fp16' | 'fp32' | 'fp64' or a
     numpy dtype) as a checkpoint directory; return a summary dict.
 
@@ -291,7 +312,12 @@ def save_checkpoint(directory, config: ModelConfig, weights, dtype="bf16",
     plus model.safetensors.index.json. Everything is written into DIR.tmp-XXXX which is then
     renamed to DIR, so DIR appears complete or not at all; DIR must not exist (or be empty).
     `tokenizer`: a tokenizer.model file, or a directory holding one, to copy in.
+    `specs` name -> (shape, dtype), in writing order, replaces the config's tensors in `dtype`
+    (a quantised checkpoint: `refimpl.quant`; config.json's torch_dtype is then the dtype of
+    model.embed_tokens.weight); `extra_json` {file name: object} adds JSON files.
     """
+    if specs is not None:
+        dtype = np.dtype(specs["model.embed_tokens.weight"][1])
     dtype = storage_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
     if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be a positive integer, got "
@@ -300,18 +326,17 @@ def save_checkpoint(directory, config: ModelConfig, weights, dtype="bf16",
     if callable(weights):
         produce = weights
     else:
-        check_weights(config, weights)
+        if specs is None:
+            check_weights(config, weights)
         produce = weights.__getitem__
-    specs = {name: (shape, dtype) for name, shape in shapes.items()}
-    tensor_bytes = sum(int(np.prod(s, dtype=np.int64)) * dtype.itemsize for s in shapes.values())
+    if specs is None:
+        specs = {name: (shape, dtype) for name, shape in shapes.items()}
+    tensor_bytes = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize
+                       for s, d in specs.values())
     tokenizer_files = _tokenizer_files(tokenizer, config) if tokenizer is not None else []
 
-    out = os.path.abspath(os.fspath(directory))
-    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
-        raise CheckpointError(f"{out} already exists; choose a new directory or remove it")
+    out = check_new_dir(directory)
     parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise CheckpointError(f"{parent}: no such directory to write the checkpoint in")
     free = shutil.disk_usage(parent).free
     if tensor_bytes > free:
         raise CheckpointError(f"the checkpoint needs {tensor_bytes / 2**30:.2f} GiB but "
@@ -322,7 +347,8 @@ def save_checkpoint(directory, config: ModelConfig, weights, dtype="bf16",
         config = config.replace(torch_dtype=_TORCH_DTYPE_NAMES[dtype.name])
         config.to_json(os.path.join(tmp, CONFIG_NAME))
         shards = shard_plan(specs, max_shard_bytes)
-        cast = lambda name: np.asarray(produce(name)).astype(dtype, copy=False)  # noqa: E731
+        cast = lambda name: np.asarray(produce(name)).astype(specs[name][1],  # noqa: E731
+                                                              copy=False)
         metadata = {"format": "pt"}
         if len(shards) == 1:
             files = [SINGLE_NAME]
@@ -339,6 +365,8 @@ def save_checkpoint(directory, config: ModelConfig, weights, dtype="bf16",
                      "weight_map": {name: file for file, names in zip(files, shards)
                                     for name in names}}
             _write_json(os.path.join(tmp, INDEX_NAME), index)
+        for name, obj in (extra_json or {}).items():
+            _write_json(os.path.join(tmp, name), obj)
         for src in tokenizer_files:
             shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
         try:
@@ -351,6 +379,18 @@ def save_checkpoint(directory, config: ModelConfig, weights, dtype="bf16",
     return {"path": out, "files": files, "tensors": len(specs), "tensor_bytes": tensor_bytes,
             "file_bytes": file_bytes, "dtype": dtype.name,
             "tokenizer": [os.path.basename(f) for f in tokenizer_files]}
+
+
+def check_new_dir(directory) -> str:
+    """The absolute path of a checkpoint directory to create; CheckpointError when it exists
+    (and is not empty) or its parent does not."""
+    out = os.path.abspath(os.fspath(directory))
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise CheckpointError(f"{out} already exists; choose a new directory or remove it")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"{parent}: no such directory to write the checkpoint in")
+    return out
 
 
 def _write_json(path: str, obj) -> None:

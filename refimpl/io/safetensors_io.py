@@ -37,8 +37,13 @@ DTYPES = {
     "F16": np.dtype("<f2"),
     "F32": np.dtype("<f4"),
     "F64": np.dtype("<f8"),
-    "I64": np.dtype("<i8"),  # token ids and expert ids in golden cases
-    "I32": np.dtype("<i4"),
+    "I64": np.dtype("<i8"),  # token ids and expert ids in golden cases; int64 deq_scale
+    "I32": np.dtype("<i4"),  # quant_bias of W8A8 checkpoints
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),    # W8A8 weights and input offsets, C8 caches
+    "U8": np.dtype("u1"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 _CODES = {dt: code for code, dt in DTYPES.items()}
 #: refuse headers larger than this (the reference implementation's limit is 100 MB)
@@ -46,7 +51,7 @@ MAX_HEADER_BYTES = 100_000_000
 
 
 def dtype_code(dtype) -> str:
-    """The safetensors code ('BF16', 'F16', 'F32', 'F64') of a numpy dtype."""
+    """The safetensors code ('BF16', 'F16', 'F32', 'I8', ...) of a numpy dtype."""
     dtype = np.dtype(dtype)
     if dtype not in _CODES:
         raise CheckpointError(f"dtype {dtype.name} cannot be written to safetensors by refimpl "
