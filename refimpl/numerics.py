@@ -64,6 +64,19 @@ CAST_POINTS = {
     'logits': (
         'lm_head = linear, in storage dtype',
     ),
+    'quantize': (
+        'x_q = clamp(rint(float32(x) * r + offset), -128, 127), r = round(1 / input_scale)',
+        '(static; the product rounded to float32, then the offset); dynamic: t = max|x|/127',
+        'in float32, x_q = clamp(rint(x / t)); rint is round half to even',
+    ),
+    'quant_matmul': (
+        'acc = x_q @ w_q^T exact in int32; y = round(float32(acc + quant_bias) * deq_scale)',
+        '(static) or round(float32(acc) * weight_scale * token_scale [+ bias]) (dynamic)',
+    ),
+    'dequant_swiglu_quant': (
+        'v = float32(acc) * weight_scale * activation_scale; h = silu(v_gate) * v_up in',
+        'float32 (no rounding); per row scale = max|h| / 127, h_q = clamp(rint(h / scale))',
+    ),
 }
 
 

@@ -32,15 +32,17 @@ from ..numerics import accum_dtype, storage_dtype
 from ..random_init import random_tensor, tensor_rng
 from ..taps import Taps
 from .format import DEFAULT_K, REF_SUFFIX, Case, is_float, numerics_entry
+from .quant_cases import BUILDERS as QUANT_BUILDERS
+from .quant_cases import QUANT_MOGE_OPERATORS, QUANT_OPERATORS
 
 OPERATORS = ("rms_norm", "rope", "attention", "swiglu", "moge_route", "moe",
              "attention_varlen", "paged_attention", "reshape_and_cache", "add_rms_norm",
              "rope_cache", "qkv_proj", "swiglu_w13", "moe_dispatch", "grouped_matmul",
-             "moe_combine", "moe_ep")
+             "moe_combine", "moe_ep") + QUANT_OPERATORS
 #: tokens per block of the paged KV cache cases (vLLM / vllm-ascend default)
 DEFAULT_BLOCK_SIZE = 128
 MOGE_OPERATORS = ("moge_route", "moe", "moe_dispatch", "grouped_matmul", "moe_combine",
-                  "moe_ep")
+                  "moe_ep") + QUANT_MOGE_OPERATORS
 #: per-query offset of the attention scores, from a key direction shared by all keys (as
 #: trained models have): softmax is unchanged by it, but exp() without max-subtraction
 #: overflows float16 (exp(12) > 65504)
@@ -48,6 +50,12 @@ ATTENTION_SCORE_OFFSET = 12.0
 
 ALLCLOSE = {"name": "allclose"}
 EXACT = {"name": "exact"}
+#: int8 taps of a W8A8 layer: each quantises a float tap of the same case, which a correct
+#: kernel rounds its own way, so a value may sit across a rounding boundary (at 1 in 100)
+QUANT_LAYER_X_Q = {"name": "ulp", "max_ulp": 1, "max_fraction": 1e-2}
+QUANT_ACC_NOTE = ("the int32 accumulator of this run (not judged: it moves by a weight "
+                  "wherever x_q moves by 1); the quant_matmul / quant_grouped_matmul operator "
+                  "cases judge it exactly from exact inputs")
 #: the freedom a correct kernel has in a router choice, in ulps of the router logits' storage
 #: dtype, when it computes the logits itself (a reordered float32 dot product rounds to the
 #: same or a neighbouring half-precision value; in float32 it may land tens of ulps away);
@@ -349,7 +357,7 @@ def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens
                 "add_rms_norm": _add_rms_norm_cases, "rope_cache": _rope_cache_cases,
                 "qkv_proj": _qkv_proj_cases, "swiglu_w13": _swiglu_w13_cases,
                 "moe_dispatch": _moe_dispatch_cases, "grouped_matmul": _grouped_matmul_cases,
-                "moe_combine": _moe_combine_cases, "moe_ep": _moe_ep_cases}
+                "moe_combine": _moe_combine_cases, "moe_ep": _moe_ep_cases, **QUANT_BUILDERS}
     cases = []
     for op in ops_list:
         cases.extend(builders[op](ctx))
@@ -1269,7 +1277,7 @@ def reference_model(model):
     from ..model import Model
 
     return Model(model.config, _StoredWeights(model), numerics="fp64", lazy=True, check=False,
-                 upcast_weights=False)
+                 upcast_weights=False, quant=model.quant_description)
 
 
 def _produced_by(config: ModelConfig, i: int, tap: str) -> dict | None:
@@ -1416,8 +1424,9 @@ def _model_cases(model, token_ids, layers, model_name, source, command, seed,
         case.add("positions", positions.astype(np.int64), "input")
         case.add("cos", cos, "input", note="rope_tables(positions) rounded to the storage dtype")
         case.add("sin", sin, "input", note="rope_tables(positions) rounded to the storage dtype")
-        if include_weights:
-            for name in shapes:
+        if include_weights:          # the config's tensors, then a W8A8 model's scales
+            names = list(shapes) + [n for n in model.weights if n not in shapes]
+            for name in names:
                 if name.startswith(f"model.layers.{i}."):
                     case.add(name, model.w(name), "input")
         rtaps = Taps([i])
@@ -1436,8 +1445,12 @@ def _model_cases(model, token_ids, layers, model_name, source, command, seed,
             r = rtaps.arrays.get(name)
             if r is None or r.shape != out.shape or not is_float(out.dtype):
                 r = None
+            if tap.endswith(".acc") or tap.startswith("stages.") and tap.endswith("_acc"):
+                case.add(name, out, "reference", note=QUANT_ACC_NOTE)
+                continue
             crit = (k_error(name) if r is not None else
-                    (ALLCLOSE if is_float(out.dtype) else EXACT))
+                    (ALLCLOSE if is_float(out.dtype) else
+                     QUANT_LAYER_X_Q if out.dtype == np.int8 else EXACT))
             add_output(case, name, out, r, crit, _produced_by(c, i, tap),
                        routing=_routing_dependence(moe, tap))
         del rtaps, x

@@ -448,8 +448,8 @@ def compare_output(case: LoadedCase, entry: dict, cand: Candidate, opts: Options
                 flips.tokens.update(int(t) for t in rows)
         return {**result, "verdict": "pass" if ok else "fail", "criterion": "routing",
                 "reason": why, "metrics": m, "criterion_detail": detail}
-    if not is_float(dtype):
-        crit = "exact"
+    if not is_float(dtype):          # integers: exact, or within max_ulp where stated
+        crit = "ulp" if stored["name"] == "ulp" and opts.criterion is None else "exact"
     else:
         crit = opts.criterion or stored["name"]
         if crit == "exact":

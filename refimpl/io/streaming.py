@@ -452,12 +452,12 @@ class StreamedModel(Model):
 
     def __init__(self, config, weights: StreamedWeights, numerics: str = "bf16",
                  backend: str = "numpy", progress: bool | None = None, release: bool = True,
-                 prefetch: bool = True, progress_stream=None):
+                 prefetch: bool = True, progress_stream=None, quant: dict | None = None):
         given = weights  # a plain dict is checked against the config, as Model does
         if not isinstance(weights, StreamedWeights):
             weights = StreamedWeights(weights)
         super().__init__(config, weights.arrays, numerics=numerics, backend=backend,
-                         lazy=True, check=given is not weights)
+                         lazy=True, check=given is not weights, quant=quant)
         self.weights = weights
         weights.release_pages = release
         self.progress, self.progress_stream = progress, progress_stream
@@ -545,12 +545,18 @@ def load_streamed(path, numerics: str = "bf16", backend: str = "numpy",
     """A `StreamedModel` of a checkpoint directory: headers read and validated, no tensor
     data read (each tensor is checked for NaN/Inf when first used unless allow_nonfinite).
     Use the numerics of the stored dtype (bf16 for a bf16 checkpoint): then no weight is
-    converted, and anonymous memory stays a small fraction of the checkpoint."""
+    converted, and anonymous memory stays a small fraction of the checkpoint. A W8A8
+    checkpoint (quant_model_description.json) streams too; numerics 'w8a8' is bf16 on one."""
+    from ..quant.format import read_description
+
+    quant = read_description(path)
+    if numerics == "w8a8" and quant is not None:
+        numerics = "bf16"
     storage_dtype(numerics)  # refuse an unknown mode before touching the files
     config, arrays = load_weights(path, layers=layers)
     weights = StreamedWeights(arrays, check_finite=not allow_nonfinite)
     return StreamedModel(config, weights, numerics=numerics, backend=backend,
-                         progress=progress, release=release, prefetch=prefetch)
+                         progress=progress, release=release, prefetch=prefetch, quant=quant)
 
 
 __all__ = ["load_streamed", "StreamedModel", "StreamedWeights", "ProgressBar",
