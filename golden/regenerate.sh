@@ -4,7 +4,7 @@
 # Writes OUT/tiny-dense/ and OUT/tiny-moge/ (every operator of each preset in fp64, fp32,
 # bf16 and fp16, paged caches in blocks of 8; the MoE operators whose numbers depend on the
 # numerics profile again under --conventions vllm-ascend; plus a layer-0 case and a model case
-# in bf16)
+# in bf16, and the same for the W8A8 checkpoints of the preset that `quantize` writes)
 # and OUT/environment.json.
 # Everything goes to a temporary directory first and replaces the old suite only when all
 # commands succeeded. tests/test_golden.py runs this script and requires the files to be
@@ -20,6 +20,9 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${1:-$here}"
 python="${PYTHON:-python}"
+case "$python" in    # absolute, since the quantised cases run from another directory
+  */*) python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")" ;;
+esac
 
 # OpenBLAS: its most generic x86-64 kernels. NumPy: every dispatched SIMD target off, so only
 # the build's baseline (X86_V2 for NumPy 2.x wheels) runs.
@@ -32,6 +35,8 @@ export NPY_DISABLE_CPU_FEATURES
 mkdir -p "$out"
 tmp="$(mktemp -d "$out/.regenerate-XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
+calib="$tmp/calibration-ids.txt"       # the quantised cases' calibration set: token ids
+printf '1,5,7,9,11,13,2,4,6,8,10,12\n3,14,15,16,17,18,19,20,21,22,23,24\n' > "$calib"
 
 for preset in tiny-dense tiny-moge; do
   for mode in fp64 fp32 bf16 fp16; do
@@ -44,7 +49,20 @@ for preset in tiny-dense tiny-moge; do
   done
   "$python" -m refimpl golden --model "$preset" --token-ids 1,5,7,9,11,13 --layers 0 \
     --numerics bf16 --seed 0 --out "$tmp/$preset" >/dev/null
+  # a W8A8 checkpoint of the preset (static, plus dynamic for the MoGE expert path),
+  # calibrated on fixed token ids: its layer-0 and model cases, int8/int32 taps included
+  schemes=w8a8
+  [ "$preset" = tiny-moge ] && schemes="w8a8 w8a8_dynamic"
+  mkdir -p "$tmp/q"
+  for scheme in $schemes; do
+    q="$preset-$scheme"     # run from $tmp/q: the manifests record this relative path
+    (cd "$tmp/q" && "$python" -m refimpl quantize --model "$preset" --scheme "$scheme" \
+       --calib "$calib" --out "$q" >/dev/null 2>"$q.log" || { cat "$q.log" >&2; exit 1; })
+    (cd "$tmp/q" && "$python" -m refimpl golden --model "$q" --token-ids 1,5,7,9,11,13 \
+       --layers 0 --numerics bf16 --seed 0 --out "$tmp/$preset" >/dev/null)
+  done
 done
+rm -rf "$tmp/q"
 
 "$python" - "$tmp/environment.json" <<'EOF'
 import json, os, platform, sys

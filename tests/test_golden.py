@@ -18,6 +18,7 @@ from refimpl import ops
 from refimpl.config import preset
 from refimpl.golden import MOGE_OPERATORS, OPERATORS, model_cases, operator_cases
 from refimpl.golden.format import load_case, write_case
+from refimpl.golden.quant_cases import QUANT_OPERATORS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "golden")
@@ -73,8 +74,18 @@ def test_operator_cases_have_the_preset_shapes(moge_bf16):
         "paged-attention", "reshape-and-cache", "add-rms-norm", "rope-cache-f32-table",
         "rope-cache-storage-table", "qkv-proj", "swiglu-w13", "moe-dispatch-v1",
         "moe-dispatch-v2", "grouped-matmul", "moe-combine-v1",
-        "moe-combine-v2", "moe-ep-rank0", "moe-ep-rank1", "moe-ep-rank2", "moe-ep-combine"))
+        "moe-combine-v2", "moe-ep-rank0", "moe-ep-rank1", "moe-ep-rank2", "moe-ep-combine",
+        "quant-matmul-q-proj", "quant-matmul-down-proj", "dynamic-quant-matmul-q-proj",
+        "dynamic-quant-matmul-down-proj", "quant-grouped-matmul", "dequant-swiglu-quant"))
     t = {n: case.tensors for n, case in moge_bf16.items()}
+    q = t["tiny-moge-quant-matmul-q-proj-bf16"]
+    assert q["weight"].shape == (Hq * D, H) and q["weight"].dtype == np.int8
+    assert q["x_q"].dtype == np.int8 and q["acc"].dtype == np.int32
+    assert q["quant_bias"].dtype == np.int32 and q["deq_scale"].dtype == np.float32
+    assert t["tiny-moge-dynamic-quant-matmul-q-proj-bf16"]["token_scale"].shape == (8,)
+    gq = t["tiny-moge-quant-grouped-matmul-bf16"]
+    assert gq["weights"].shape == (E, 2 * I, H) and gq["weights"].dtype == np.int8
+    assert t["tiny-moge-dequant-swiglu-quant-bf16"]["h_q"].shape == (8 * G, I)
     assert t["tiny-moge-rms-norm-bf16"]["x"].shape == (8, H)
     assert t["tiny-moge-rope-bf16"]["q"].shape == (8, Hq, D)
     assert t["tiny-moge-rope-bf16"]["k_rope"].shape == (8, Hkv, D)
@@ -106,7 +117,11 @@ def test_operator_cases_have_the_preset_shapes(moge_bf16):
                 base = case.tensors[e["name"][:-len(".ref64")]]
                 assert a.dtype == (np.float64 if base.dtype.kind != "i" else np.int64)
             elif a.dtype.kind == "f" or a.dtype == BF16:
-                if e["name"] not in ("expert_weights", "rstd", "cos_sin_cache", "scales"):
+                quant_scale = (case.manifest["operator"] in QUANT_OPERATORS
+                               and e["name"].endswith("scale"))
+                if quant_scale:      # the format's scales: float32 or the model dtype
+                    assert a.dtype in (np.float32, BF16), e["name"]
+                elif e["name"] not in ("expert_weights", "rstd", "cos_sin_cache", "scales"):
                     # expert_weights, rstd, combine scales: the accumulation dtype; the f32 table
                     assert a.dtype == BF16, e["name"]
 
@@ -481,8 +496,19 @@ def test_committed_suite_covers_every_operator_and_mode_and_is_small():
             for mode in ("fp64", "fp32", "bf16", "fp16"):
                 assert (p, op, mode) in seen, (p, op, mode)
         assert (p, "decoder_layer", "bf16") in seen and (p, "model", "bf16") in seen
+    # the layer and model cases of the W8A8 checkpoints `quantize` writes of each preset
+    quantised = {(m["source"].get("path"), m["operator"], m["parameters"]["quantization"]
+                  ["linears"].get("model.layers.0.self_attn.q_proj") or
+                  m["parameters"]["quantization"]["linears"].get("model_quant_type"))
+                 for m in (gf.read_manifest(os.path.join(GOLDEN, rel)) for rel in cases)
+                 if "quantization" in m["parameters"]}
+    for path, scheme in (("tiny-dense-w8a8", "W8A8"), ("tiny-moge-w8a8", "W8A8"),
+                         ("tiny-moge-w8a8_dynamic", "W8A8_DYNAMIC")):
+        for op in ("decoder_layer", "model"):
+            assert (path, op, scheme) in quantised, (path, op, scheme, sorted(quantised))
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(GOLDEN) for f in fs)
-    # 13 MiB: 17 operators x 4 modes x 2 presets, the MoE ones under both profiles
+    # 14 MiB: 21 operators x 4 modes x 2 presets, the MoE ones under both profiles, and the
+    # layer / model cases of the float and the three W8A8 checkpoints
     assert size < 16 * 2**20, size
 
 

@@ -1348,6 +1348,34 @@ _LAYER_CAST_OPS = ["linear", "rms_norm", "rope tables", "apply_rope", "attention
 _MOE_CAST_OPS = ["moge_route", "moe block"]
 
 
+def _quant_params(model, layer) -> dict:
+    """The quantisation of a W8A8 checkpoint's layer (or of the whole model, layer None):
+    the scheme of each linear as quant_model_description.json names it, and the KV cache."""
+    prefix = "" if layer is None else f"model.layers.{layer}."
+    schemes = {name: scheme for name, scheme in sorted(model.quant.items())
+               if name.startswith(prefix)}
+    if layer is None:
+        schemes = {"model_quant_type": model.quant_description.get("model_quant_type"),
+                   "counts": {s: list(schemes.values()).count(s)
+                              for s in sorted(set(schemes.values()))}}
+    return {"format": "msModelSlim (quant_model_description.json)", "linears": schemes,
+            "kv_cache": model.kv_cache_type or "float",
+            "formula": "x_q = quantize(x); acc = x_q @ weight^T (int32); y = dequantize(acc)"
+                       " (see the quantize / quant_matmul cast points); NAME.ref64 is the "
+                       "quantised model run in float64: it quantises its own float64 "
+                       "activations, so an integer may differ by 1 near a rounding boundary",
+            "integer_taps": "int8 *.x_q taps judged by ulp 1 at <= 1% of elements (a float "
+                            "tap before them moves by an ulp); int32 *.acc taps stored as "
+                            "reference"}
+
+
+def _quant_summary(model, layer) -> str:
+    schemes = sorted({s for n, s in model.quant.items()
+                      if layer is None or n.startswith(f"model.layers.{layer}.")})
+    kv = f", {model.kv_cache_type} KV cache" if model.kv_cache_type else ""
+    return f"quantised checkpoint: {'/'.join(schemes) or 'no'} linears{kv}"
+
+
 def model_cases(model, token_ids, layers=None, model_name: str = "model",
                 source: dict | None = None, command: str = "", seed=None,
                 include_weights: bool = True) -> list:
@@ -1394,6 +1422,9 @@ def _model_cases(model, token_ids, layers, model_name, source, command, seed,
     tokens_param = {"token_ids": [int(t) for t in ids], "tokens": T,
                     "positions": f"0..{T - 1} (no cache)"}
     shapes = weight_shapes(c)
+    quant_ops = ["quantize", "quant_matmul"] + (
+        ["dequant_swiglu_quant"] if any(s == "W8A8_DYNAMIC" for s in model.quant.values())
+        and c.is_moge else []) if model.quant else []
     for i in layers:
         moe = c.layer_is_moe(i)
         L = f"layers.{i}."
@@ -1416,9 +1447,13 @@ def _model_cases(model, token_ids, layers, model_name, source, command, seed,
                                      " input, RoPE tables and weights"
                                      + (", with this run's expert selection forced" if moe
                                         else "")},
-            numerics=numerics_entry(mode, _LAYER_CAST_OPS + (_MOE_CAST_OPS if moe else [])),
+            numerics=numerics_entry(mode, _LAYER_CAST_OPS + (_MOE_CAST_OPS if moe else [])
+                                    + quant_ops),
             seed=seed, source=source, command=command,
             criterion={"default": "k-error (exact for integer outputs)", "why": _WHY_K})
+        if model.quant:
+            case.description += f"; {_quant_summary(model, i)}"
+            case.parameters["quantization"] = _quant_params(model, i)
         x = taps[L + "input"]
         case.add(L + "input", x, "input")
         case.add("positions", positions.astype(np.int64), "input")
@@ -1470,9 +1505,13 @@ def _model_cases(model, token_ids, layers, model_name, source, command, seed,
                                  + ("; every MoGE layer with this run's expert selection "
                                     "forced (layers.I.expert_ids)" if c.is_moge else "")},
         numerics=numerics_entry(mode, ["embedding"] + _LAYER_CAST_OPS
-                                + (_MOE_CAST_OPS if c.is_moge else []) + ["logits"]),
+                                + (_MOE_CAST_OPS if c.is_moge else []) + quant_ops
+                                + ["logits"]),
         seed=seed, source=source, command=command,
         criterion={"default": "k-error", "why": _WHY_K})
+    if model.quant:
+        case.description += f"; {_quant_summary(model, None)}"
+        case.parameters["quantization"] = _quant_params(model, None)
     case.add("token_ids", ids, "input")
     for i, chosen in sorted(taps.routing.items()):
         case.add(f"layers.{i}.expert_ids", chosen, "reference",
