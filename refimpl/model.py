@@ -108,10 +108,11 @@ class Model:
 
     def mlp(self, x: np.ndarray, prefix: str, record=None) -> np.ndarray:
         """SwiGLU of the MLP at `prefix` ('model.layers.L.mlp.' or its shared expert):
-        fused `ops.swiglu` for float weights; for W8A8, the quantised gate and up linears,
-        `ops.silu_and_mul`, the quantised down linear (vllm-ascend's MergedColumnParallel
-        gate_up, SiluAndMul, RowParallel down). # [T, H] -> [T, H]"""
-        if prefix + "down_proj" not in self.quant:
+        fused `ops.swiglu` for float weights; when any of the three is W8A8, the gate and
+        up linears, `ops.silu_and_mul`, the down linear, each quantised or FLOAT as the
+        checkpoint has it (vllm-ascend's MergedColumnParallel gate_up, SiluAndMul,
+        RowParallel down). # [T, H] -> [T, H]"""
+        if not any(prefix + k in self.quant for k in ("gate_proj", "up_proj", "down_proj")):
             return self.ops.swiglu(x, *self._swiglu_weights(prefix))
         g = self.proj(x, prefix + "gate_proj", record)
         u = self.proj(x, prefix + "up_proj", record)

@@ -783,3 +783,51 @@ def test_moe_quant_goldens_fail_wrong_kernels_and_pass_correct_ones(moe_quant_ca
                              "truncate")):
         got = _verdicts(dsq, _write(tmp_path / f"d{i + 1}", _dsq_candidate(td, bug)))
         assert got["h_q"] == "fail", (bug, got)
+
+
+def _to_float(w, d, float_weights, prefixes):
+    """Turn the quantised linears `prefixes` back to their float weights, marked FLOAT."""
+    for p in prefixes:
+        for n in [n for n in w if n.startswith(p + ".")]:
+            del w[n]
+            d.pop(n, None)
+        for n in (p + ".weight", p + ".bias"):
+            if n in float_weights:
+                w[n], d[n] = float_weights[n], "FLOAT"
+
+
+def test_a_partly_quantised_mlp_runs_each_linear_as_stored(quantised_default, tmp_path):
+    """msModelSlim may leave single linears FLOAT (a sensitive down_proj, say): the MLP then
+    runs gate and up in W8A8 and down as the float linear, never an int8 weight as a float."""
+    _, fw = load_weights(DEFAULT_MODEL_DIR)
+    down = "model.layers.0.mlp.down_proj"
+    d = _break(quantised_default["W8A8"], str(tmp_path / "mixed"),
+               lambda w, desc: _to_float(w, desc, fw, [down]))
+    m = load_model(d, numerics="w8a8")
+    assert down not in m.quant and "model.layers.0.mlp.gate_proj" in m.quant
+    t = Taps([0])
+    m.forward([1, 5, 9], taps=t)
+    x = t["layers.0.post_norm"]
+    pfx = "model.layers.0.mlp."
+    want = ops.linear(ops.silu_and_mul(ops.w8a8_linear(x, m.quant_params(pfx + "gate_proj")),
+                                       ops.w8a8_linear(x, m.quant_params(pfx + "up_proj"))),
+                      m.w(down + ".weight"))
+    assert np.array_equal(m.mlp(x, pfx).view(np.uint16), want.view(np.uint16))
+    assert np.array_equal(t["layers.0.mlp_out"].view(np.uint16), want.view(np.uint16))
+    # and the attention's q_proj alone FLOAT: the other projections stay W8A8
+    q = "model.layers.1.self_attn.q_proj"
+    d2 = _break(quantised_default["W8A8"], str(tmp_path / "mixed2"),
+                lambda w, desc: _to_float(w, desc, fw, [q]))
+    m2 = load_model(d2, numerics="w8a8")
+    assert q not in m2.quant and "model.layers.1.self_attn.k_proj" in m2.quant
+    assert np.isfinite(m2.forward([1, 5, 9]).astype(np.float32)).all()
+
+
+def test_a_partly_quantised_expert_layer_is_refused(tiny_moge_dirs, tmp_path):
+    float_dir, qdirs, _ = tiny_moge_dirs
+    _, fw = load_weights(float_dir)
+    d = _break(qdirs["W8A8"], str(tmp_path / "mixed"), lambda w, desc: _to_float(
+        w, desc, fw, ["model.layers.0.mlp.experts.3.down_proj"]))
+    with pytest.raises(CheckpointError, match="partly quantised expert layer"):
+        load_model(d)
+    assert "all or none" in one_line_error(cli("run", "--model", d, "--max-new-tokens", "1"))

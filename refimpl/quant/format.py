@@ -230,6 +230,7 @@ def check_quant_weights(config: ModelConfig, weights, desc: dict) -> dict:
         p = linear_prefix(name)
         _check_parts(p, scheme, shape[0], weights)
         quant[p] = scheme
+    _check_whole_expert_layers(config, quant)
     extra = sorted(n for n in weights if n not in expected and not _is_part(n, quant)
                    and not n.endswith(".kv_cache_scale"))
     if extra:
@@ -242,6 +243,24 @@ def check_quant_weights(config: ModelConfig, weights, desc: dict) -> dict:
                                       "missing")
             _check_scale(name, weights[name], (kvd,), ("float32", "float16", "bfloat16"))
     return quant
+
+
+def _check_whole_expert_layers(config: ModelConfig, quant: dict) -> None:
+    """The routed experts of a MoE layer are quantised all together or not at all, as
+    vllm-ascend's fused MoE quantises a layer (one quant method, one activation scale for
+    every expert); a partly quantised expert layer would change the math and is refused.
+    Attention and dense / shared-expert linears may each be FLOAT on their own."""
+    for i in range(config.num_hidden_layers):
+        if not config.layer_is_moe(i):
+            continue
+        names = [f"model.layers.{i}.mlp.experts.{e}.{k}_proj" for e in range(config.num_experts)
+                 for k in ("gate", "up", "down")]
+        done = [n for n in names if n in quant]
+        if done and len(done) != len(names):
+            left = next(n for n in names if n not in quant)
+            raise CheckpointError(f"layer {i}: {len(done)} of its {len(names)} expert linears "
+                                  f"are quantised but {left} is FLOAT; a partly quantised "
+                                  "expert layer is not implemented (all or none)")
 
 
 def _is_part(name: str, quant: dict) -> bool:
