@@ -831,3 +831,21 @@ def test_a_partly_quantised_expert_layer_is_refused(tiny_moge_dirs, tmp_path):
     with pytest.raises(CheckpointError, match="partly quantised expert layer"):
         load_model(d)
     assert "all or none" in one_line_error(cli("run", "--model", d, "--max-new-tokens", "1"))
+
+
+def test_info_reports_the_quantisation(quantised_default):
+    """info on a W8A8 directory: the scheme, the int8 linears, the C8 cache, and the bytes
+    as stored (int8 weights: about two thirds of the bf16 model here, the embedding stays)."""
+    from refimpl.commands.info import model_info
+
+    info = model_info(quantised_default["W8A8_DYNAMIC"])
+    c = info["config"]
+    assert info["quantization"]["scheme"] == "W8A8_DYNAMIC"
+    assert info["quantization"]["quantised_linears"] == 7 * c["num_hidden_layers"]
+    assert info["quantization"]["kv_cache_type"] == "C8"
+    w8a8, bf16 = info["memory"]["w8a8"], info["memory"]["bf16"]
+    assert 0.5 < w8a8["weights_bytes"] / bf16["weights_bytes"] < 0.75
+    assert w8a8["kv_cache_bytes_per_1000_tokens"] * 2 == bf16["kv_cache_bytes_per_1000_tokens"]
+    assert model_info(DEFAULT_MODEL_DIR)["quantization"] is None
+    out = cli("info", "--model", quantised_default["W8A8"], check_rc=0).stdout
+    assert "quantised: W8A8 (msModelSlim)" in out and "KV cache float" in out

@@ -14,6 +14,7 @@ from ..config import PRESET_NAMES, parameter_count
 from ..errors import InputError
 from .run import add_conventions_argument
 from ..numerics import MODES, storage_dtype
+from ..quant.format import quantised_linears, read_description
 
 KV_TOKENS = 1000
 
@@ -39,9 +40,10 @@ def model_info(spec: str, layers: int | None = None, conventions: str | None = N
     """The facts `info` prints, as a dict."""
     if layers is not None and layers < 1:
         raise InputError(f"--layers must be at least 1, got {layers}")
-    stored = None
+    stored = quant = None
     if is_checkpoint_dir(spec):
         config, weights = load_weights(spec, layers=layers)
+        desc = read_description(spec)
         dtypes: dict = {}
         for w in weights.values():
             dtypes[w.dtype.name] = dtypes.get(w.dtype.name, 0) + int(w.size)
@@ -51,6 +53,12 @@ def model_info(spec: str, layers: int | None = None, conventions: str | None = N
                   "parameters_by_dtype": dtypes,
                   "tokenizer": os.path.isfile(os.path.join(spec, "tokenizer.model"))}
         source = f"checkpoint {os.path.abspath(spec)}"
+        if desc is not None:
+            linears = quantised_linears(desc, weights)
+            quant = {"scheme": desc["model_quant_type"], "quantised_linears": len(linears),
+                     "kv_cache_type": desc.get("kv_cache_type"),
+                     "weights_bytes": sum(int(w.size) * w.dtype.itemsize
+                                          for w in weights.values())}
     else:
         config = model_config(spec, layers)
         source = f"preset {spec} (seeded random weights)"
@@ -63,7 +71,11 @@ def model_info(spec: str, layers: int | None = None, conventions: str | None = N
                      "kv_cache_bytes_per_1000_tokens":
                          per_token_kv * KV_TOKENS * storage_dtype(mode).itemsize}
               for mode in MODES}
-    return {"source": source, "config": config.to_hf_dict(), "family": config.family,
+    if quant is not None:       # as stored: int8 linears, bf16 activations, an int8 C8 cache
+        memory["w8a8"] = {"weights_bytes": quant["weights_bytes"],
+                          "kv_cache_bytes_per_1000_tokens": per_token_kv * KV_TOKENS *
+                          (1 if quant["kv_cache_type"] else 2)}
+    return {"quantization": quant, "source": source, "config": config.to_hf_dict(), "family": config.family,
             "parameters": total, "active_parameters_per_token": active, "memory": memory,
             "stored": stored}
 
@@ -99,6 +111,11 @@ def main(args) -> int:
                           for k, v in stored["parameters_by_dtype"].items())
         print(f"stored: {len(stored['files'])} file(s), {_size(stored['file_bytes'])} "
               f"[{kinds}]; tokenizer.model {'present' if stored['tokenizer'] else 'absent'}")
+    quant = info["quantization"]
+    if quant:
+        print(f"quantised: {quant['scheme']} (msModelSlim), {quant['quantised_linears']} int8 "
+              f"linears, KV cache {quant['kv_cache_type'] or 'float'}; runs as --numerics w8a8"
+              " (the float modes below count every weight in that mode's dtype)")
     print(f"memory by numerics mode (weights; KV cache per {KV_TOKENS} tokens):")
     for mode, m in info["memory"].items():
         print(f"  {mode:<5} weights {_size(m['weights_bytes']):>11}   "
