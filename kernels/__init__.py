@@ -10,7 +10,9 @@ W8A8 int8 matmul (`quant`: int8_matmul, with quant_matmul, w8a8_linear and
 quant_grouped_matmul running the spec's formulas on it; quantize, dynamic_quantize,
 dequantize and dequant_swiglu_quant are the spec's, elementwise).
 Re-exported from the spec unchanged: embedding (a gather), softmax, silu, silu_and_mul,
-rope_tables, rotate_half, apply_rope_interleaved, causal_mask, sample, near_ties,
+rope_tables, rotate_half, apply_rope_interleaved, causal_mask, sample, sampling_probs,
+rejection_sample (the speculative decoder's acceptance rule: per-sequence control flow, no
+hot loop), recovery_probs, near_ties,
 routing_margins, and (no fast path yet) the serving-boundary operators
 reshape_and_cache, gather_paged, cos_sin_cache, rope_cache, qkv_proj,
 swiglu_w13. `paged_attention` has its kernel (decode through the block table, in place),
@@ -56,7 +58,8 @@ use_source_keyed_cache()  # before any kernel module is compiled or loaded from 
 from refimpl.ops import (apply_rope_interleaved, causal_mask,
                          cos_sin_cache, embedding, gather_paged, near_ties, qkv_proj,
                          reshape_and_cache, rope_cache, rope_tables, rotate_half,
-                         routing_margins, sample, silu, silu_and_mul, softmax, swiglu_w13,
+                         routing_margins, sample, sampling_probs, rejection_sample,
+                         recovery_probs, silu, silu_and_mul, softmax, swiglu_w13,
                          quantize, static_quantize, dynamic_quantize, dequantize,
                          dequant_swiglu_quant, group_dequantize, kv_quantize, kv_dequantize,
                          decode_deq_scale, encode_deq_scale)
@@ -75,7 +78,8 @@ from .rope import apply_rope
 
 __all__ = ["add", "attention", "causal_mask", "embedding", "linear", "silu", "softmax", "swiglu",
            "moe_block", "moge_route", "near_ties", "routing_margins", "rms_norm", "apply_rope",
-           "apply_rope_interleaved", "rope_tables", "rotate_half", "sample", "round_to_bf16",
+           "apply_rope_interleaved", "rope_tables", "rotate_half", "sample", "sampling_probs",
+           "rejection_sample", "recovery_probs", "round_to_bf16",
            "round_to_f16", "silu_and_mul", "moe_dispatch", "grouped_matmul", "grouped_gate_up",
            "moe_combine", "attention_varlen", "reshape_and_cache",
            "gather_paged", "paged_attention", "add_rms_norm", "cos_sin_cache", "rope_cache",

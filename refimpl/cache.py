@@ -41,6 +41,14 @@ class KVCache:
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (speculative decoding rolls the cache back
+        past the first rejected draft token); the next append writes there."""
+        if not 0 <= length <= self.length:
+            raise InputError(f"KV cache: cannot truncate {self.length} cached positions to "
+                             f"{length}")
+        self.length = length
+
     def nbytes(self) -> int:
         """Bytes held by the cached positions (not the spare capacity)."""
         per_position = int(np.prod(self._shape)) * self._dtype.itemsize

@@ -73,6 +73,11 @@ CAST_POINTS = {
         'acc = x_q @ w_q^T exact in int32; y = round(float32(acc + quant_bias) * deq_scale)',
         '(static) or round(float32(acc) * weight_scale * token_scale [+ bias]) (dynamic)',
     ),
+    'rejection_sample': (
+        'probabilities float32 (float64 in fp64); accept iff q(x) > 0 and p(x) / q(x) >= u',
+        '(one division, one comparison); recovered = argmax(max(p - q, 0) / E) in the same',
+        'dtype, lowest id on ties; greedy: argmax of the target scores, lowest id on ties',
+    ),
     'dequant_swiglu_quant': (
         'v = float32(acc) * weight_scale * activation_scale; h = silu(v_gate) * v_up in',
         'float32 (no rounding); per row scale = max|h| / 127, h_q = clamp(rint(h / scale))',

@@ -76,7 +76,8 @@ def test_operator_cases_have_the_preset_shapes(moge_bf16):
         "moe-dispatch-v2", "grouped-matmul", "moe-combine-v1",
         "moe-combine-v2", "moe-ep-rank0", "moe-ep-rank1", "moe-ep-rank2", "moe-ep-combine",
         "quant-matmul-q-proj", "quant-matmul-down-proj", "dynamic-quant-matmul-q-proj",
-        "dynamic-quant-matmul-down-proj", "quant-grouped-matmul", "dequant-swiglu-quant"))
+        "dynamic-quant-matmul-down-proj", "quant-grouped-matmul", "dequant-swiglu-quant",
+        "rejection-sample-sampled", "rejection-sample-ngram", "rejection-sample-greedy"))
     t = {n: case.tensors for n, case in moge_bf16.items()}
     q = t["tiny-moge-quant-matmul-q-proj-bf16"]
     assert q["weight"].shape == (Hq * D, H) and q["weight"].dtype == np.int8
@@ -121,6 +122,8 @@ def test_operator_cases_have_the_preset_shapes(moge_bf16):
                                and e["name"].endswith("scale"))
                 if quant_scale:      # the format's scales: float32 or the model dtype
                     assert a.dtype in (np.float32, BF16), e["name"]
+                elif case.manifest["operator"] == "rejection_sample":
+                    assert a.dtype == np.float32, e["name"]     # probabilities, as vLLM
                 elif e["name"] not in ("expert_weights", "rstd", "cos_sin_cache", "scales"):
                     # expert_weights, rstd, combine scales: the accumulation dtype; the f32 table
                     assert a.dtype == BF16, e["name"]
@@ -507,7 +510,7 @@ def test_committed_suite_covers_every_operator_and_mode_and_is_small():
         for op in ("decoder_layer", "model"):
             assert (path, op, scheme) in quantised, (path, op, scheme, sorted(quantised))
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(GOLDEN) for f in fs)
-    # 14 MiB: 21 operators x 4 modes x 2 presets, the MoE ones under both profiles, and the
+    # 15 MiB: 22 operators x 4 modes x 2 presets, the MoE ones under both profiles, and the
     # layer / model cases of the float and the three W8A8 checkpoints
     assert size < 16 * 2**20, size
 

@@ -50,7 +50,9 @@ import contextlib
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if importlib.util.find_spec("refimpl") is None:   # not installed: run from the checkout
+    sys.path.insert(0, ROOT)   # (installed, keep ROOT off the path: its kernels/ would shadow
+                               # the `kernels` package transformers probes for)
 
 from refimpl.tokenizer import Tokenizer, chat_template  # noqa: E402
 
@@ -60,6 +62,12 @@ SPECIAL_PIECES = ["<|User|>:", "<|Bot|>:"] + [f"[unused{i}]" for i in range(11)]
 MODEL_SHAPE = dict(hidden_size=256, intermediate_size=640, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                    rms_norm_eps=1e-5, rope_theta=4_000_000.0, max_position_embeddings=2048)
+
+#: --draft: the speculative-decoding draft model shipped in refimpl/data/default-draft/, same
+#: tokenizer (copied from the default model, not retrained), about a quarter of the size
+DRAFT_SHAPE = dict(MODEL_SHAPE, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=1)
+DRAFT_OUT = os.path.join(ROOT, "refimpl", "data", "default-draft")
 
 # modules never imported: side effects (a browser, a window, printing) or platform-only
 SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test",
@@ -540,7 +548,15 @@ def main(argv=None) -> int:
                     help="stop training early past this wall-clock time")
     ap.add_argument("--check-only", action="store_true",
                     help="only reload the saved model and generate")
+    ap.add_argument("--draft", action="store_true",
+                    help="train the draft model instead (DRAFT_SHAPE, the default model's "
+                         "tokenizer; --out defaults to refimpl/data/default-draft)")
     args = ap.parse_args(argv)
+    if args.draft:
+        global MODEL_SHAPE
+        MODEL_SHAPE = DRAFT_SHAPE
+        if args.out == DEFAULT_OUT:
+            args.out = DRAFT_OUT
 
     import torch
     from transformers import LlamaForCausalLM
@@ -555,7 +571,12 @@ def main(argv=None) -> int:
     print(f"corpus: {len(docs)} documents ({sum(map(len, docs)):,} characters), "
           f"{len(chats)} conversations  [{time.time() - t0:.1f} s]", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    tok = train_tokenizer(docs, chats, args.out, args.vocab_size)
+    if args.draft:           # the target's tokenizer, byte for byte
+        for f in ("tokenizer.model",):
+            shutil.copyfile(os.path.join(DEFAULT_OUT, f), os.path.join(args.out, f))
+        tok = Tokenizer.from_dir(args.out)
+    else:
+        tok = train_tokenizer(docs, chats, args.out, args.vocab_size)
     data = token_stream(tok, docs, chats, args.chat_repeats, args.seed)
     print(f"tokenizer: {tok.vocab_size} pieces, eos {tok.eos_id} ([unused10]); "
           f"token stream {len(data):,} tokens  [{time.time() - t0:.1f} s]", flush=True)

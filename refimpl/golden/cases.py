@@ -34,11 +34,13 @@ from ..taps import Taps
 from .format import DEFAULT_K, REF_SUFFIX, Case, is_float, numerics_entry
 from .quant_cases import BUILDERS as QUANT_BUILDERS
 from .quant_cases import QUANT_MOGE_OPERATORS, QUANT_OPERATORS
+from .speculative_cases import BUILDERS as SPECULATIVE_BUILDERS
+from .speculative_cases import SPECULATIVE_OPERATORS
 
 OPERATORS = ("rms_norm", "rope", "attention", "swiglu", "moge_route", "moe",
              "attention_varlen", "paged_attention", "reshape_and_cache", "add_rms_norm",
              "rope_cache", "qkv_proj", "swiglu_w13", "moe_dispatch", "grouped_matmul",
-             "moe_combine", "moe_ep") + QUANT_OPERATORS
+             "moe_combine", "moe_ep") + QUANT_OPERATORS + SPECULATIVE_OPERATORS
 #: tokens per block of the paged KV cache cases (vLLM / vllm-ascend default)
 DEFAULT_BLOCK_SIZE = 128
 MOGE_OPERATORS = ("moge_route", "moe", "moe_dispatch", "grouped_matmul", "moe_combine",
@@ -357,7 +359,8 @@ def operator_cases(preset_name: str, operators, mode: str, seed: int = 0, tokens
                 "add_rms_norm": _add_rms_norm_cases, "rope_cache": _rope_cache_cases,
                 "qkv_proj": _qkv_proj_cases, "swiglu_w13": _swiglu_w13_cases,
                 "moe_dispatch": _moe_dispatch_cases, "grouped_matmul": _grouped_matmul_cases,
-                "moe_combine": _moe_combine_cases, "moe_ep": _moe_ep_cases, **QUANT_BUILDERS}
+                "moe_combine": _moe_combine_cases, "moe_ep": _moe_ep_cases, **QUANT_BUILDERS,
+                **SPECULATIVE_BUILDERS}
     cases = []
     for op in ops_list:
         cases.extend(builders[op](ctx))

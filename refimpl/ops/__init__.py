@@ -20,7 +20,8 @@ from .quant import (decode_deq_scale, dequant_swiglu_quant, dequantize, dynamic_
                     quantize,
                     static_quantize, w8a8_linear)
 from .rope import apply_rope, apply_rope_interleaved, rope_tables, rotate_half
-from .sampling import sample
+from .rejection import recovery_probs, rejection_sample
+from .sampling import sample, sampling_probs
 from .serving import (add_rms_norm, allocate_blocks, attention_varlen, check_paged,
                       check_varlen, cos_sin_cache, gather_paged, paged_attention, qkv_proj, reshape_and_cache, rope_cache,
                       swiglu_w13)
@@ -30,6 +31,7 @@ __all__ = ["add", "attention", "attention_query_blocks", "causal_mask", "embeddi
            "moe_block", "moe_block_ep", "moe_experts", "moe_route_block", "moe_unpermute",
            "moge_route", "moge_vote", "near_ties", "routing_margins", "rms_norm", "apply_rope",
            "apply_rope_interleaved", "rope_tables", "rotate_half", "sample",
+           "sampling_probs", "rejection_sample", "recovery_probs",
            "quantize", "static_quantize", "dynamic_quantize", "int8_matmul", "dequantize",
            "quant_matmul", "w8a8_linear", "quant_grouped_matmul", "quant_moe_block", "dequant_swiglu_quant",
            "group_dequantize", "kv_quantize", "kv_dequantize", "decode_deq_scale",
