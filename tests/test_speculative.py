@@ -20,7 +20,7 @@ from refimpl.generate import generate
 from refimpl.golden import operator_cases
 from refimpl.golden.compare import Options, compare_paths
 from refimpl.golden.format import load_case, write_case
-from refimpl.io.checkpoint import DEFAULT_MODEL_DIR, load_model
+from refimpl.io.checkpoint import DEFAULT_DRAFT_DIR, DEFAULT_MODEL_DIR, load_model
 from refimpl.speculative import (ModelDrafter, NgramDrafter, SpeculativeStats,
                                  speculative_generate)
 from refimpl.tokenizer import Tokenizer
@@ -325,8 +325,7 @@ def _targets(mode, backend="numpy"):
     dense = load_model(DEFAULT_MODEL_DIR, numerics=mode, backend=backend)
     small = refimpl.preset("tiny-dense", num_hidden_layers=1)
     moge = refimpl.init_model("tiny-moge", seed=0, numerics=mode, backend=backend)
-    return [("dense", dense, load_model(DEFAULT_MODEL_DIR, numerics="fp32", backend=backend,
-                                        layers=2)),
+    return [("dense", dense, load_model(DEFAULT_DRAFT_DIR, numerics=mode, backend=backend)),
             ("moge", moge, refimpl.init_model(small, seed=3, numerics=mode, backend=backend))]
 
 
@@ -362,7 +361,7 @@ def test_batched_verification_is_plain_greedy_where_the_target_is_batch_invarian
     assert np.array_equal(chunk.view(np.uint16), steps.view(np.uint16))
     prompt = default_tok.encode("The json module")
     plain = list(generate(target, prompt, 32, stop_at_eos=False))
-    draft = load_model(DEFAULT_MODEL_DIR, numerics="bf16", backend="numba", layers=2)
+    draft = load_model(DEFAULT_DRAFT_DIR, numerics="bf16", backend="numba")
     for K in range(1, 9):
         for drafter in (NgramDrafter(), ModelDrafter(draft)):
             assert list(speculative_generate(target, drafter, prompt, K, 32,
@@ -568,3 +567,52 @@ def test_rejection_sample_goldens_fail_wrong_kernels_and_pass_correct_ones(rejec
             n += 1
             got = _verdicts(case_dir, tmp_path / f"bug{n}", _candidate(t, variant, bug))
             assert "fail" in got.values(), (case_dir, bug, got)
+
+
+# ---------------------------------------------------------------------- the command line
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "refimpl", *args], capture_output=True,
+                          text=True)
+
+
+def _one_line(p) -> str:
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("draft", ["ngram", "default-draft"])
+def test_run_speculates_out_of_the_box(draft):
+    plain = cli("run", "--max-new-tokens", "20")
+    spec = cli("run", "--draft", draft, "--speculate", "4", "--max-new-tokens", "20",
+               "--compare-plain")
+    assert spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout                    # greedy: the same text
+    stats = [ln for ln in spec.stderr.splitlines() if ln.startswith("[speculative:")]
+    assert len(stats) == 1 and "acceptance" in stats[0] and "tokens per target forward" in \
+        stats[0]
+    assert any("plain decoding" in ln and "same tokens" in ln for ln in spec.stderr.splitlines())
+
+
+def test_the_shipped_draft_model_shares_the_default_tokenizer():
+    from refimpl.io.checkpoint import DEFAULT_DRAFT_DIR
+    with open(os.path.join(DEFAULT_DRAFT_DIR, "tokenizer.model"), "rb") as a, \
+            open(os.path.join(DEFAULT_MODEL_DIR, "tokenizer.model"), "rb") as b:
+        assert a.read() == b.read()
+    draft, target = load_model(DEFAULT_DRAFT_DIR), load_model(DEFAULT_MODEL_DIR)
+    assert draft.config.vocab_size == target.config.vocab_size
+    n = lambda m: sum(int(np.prod(w.shape)) for w in m.weights.values())  # noqa: E731
+    assert n(draft) < n(target) / 4
+
+
+def test_run_speculative_bad_options(tmp_path):
+    assert "needs a drafter" in _one_line(cli("run", "--speculate", "3"))
+    assert "at least 1" in _one_line(cli("run", "--draft", "ngram", "--speculate", "0"))
+    assert "--draft 'nonexistent' is neither" in _one_line(cli("run", "--draft", "nonexistent"))
+    assert "needs --draft" in _one_line(cli("run", "--compare-plain"))
+    assert "larger than the target" in _one_line(
+        cli("run", "--model", "tiny-dense", "--draft", "default-draft", "--token-ids", "1,2"))
+    p = cli("run", "--draft", "ngram", "--ngram", "x")
+    assert p.returncode == 2 and "MIN,MAX" in p.stderr
+    assert "min_n <= max_n" in _one_line(cli("run", "--draft", "ngram", "--ngram", "3,2"))

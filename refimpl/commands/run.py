@@ -9,13 +9,17 @@ import sys
 import time
 
 from ..backend import BACKENDS
-from ..io.checkpoint import (DEFAULT_MODEL_DIR, TOKENIZER_NAME, is_checkpoint_dir, load_model,
-                          model_config, tokenizer_file, tokenizer_pieces)
+from ..io.checkpoint import (DEFAULT_DRAFT_DIR, DEFAULT_MODEL_DIR, TOKENIZER_NAME,
+                             is_checkpoint_dir, load_model, model_config, tokenizer_file,
+                             tokenizer_pieces)
 from ..config import CONVENTION_PROFILES, PRESET_NAMES
 from ..errors import InputError
 from ..generate import generate
 from ..numerics import MODES
 from ..quant.format import read_description
+from ..speculative import (VERIFY_MODES, ModelDrafter, NgramDrafter, SpeculativeStats,
+                           speculative_generate)
+from ..thinking import THINK_SUFFIXES, ThinkingSplitter, apply_think_mode
 
 DEFAULT_PROMPT = "The json module"
 DEFAULT_CHAT_PROMPT = "Briefly, what is a language model?"
@@ -71,7 +75,37 @@ def add_parser(subparsers) -> None:
                    help="print the generated token ids even when there is a tokenizer")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="load weights that hold NaN or Inf")
+    spec = p.add_argument_group("speculative decoding (docs/speculative.md)")
+    spec.add_argument("--draft", metavar="DIR|PRESET|ngram|default-draft",
+                      help="draft with a smaller model sharing the target's tokenizer (a "
+                           "checkpoint directory, a preset, or default-draft: the draft model "
+                           "shipped for the embedded default), or with ngram (prompt lookup, "
+                           "no model)")
+    spec.add_argument("--speculate", type=int, metavar="K",
+                      help="draft tokens per target forward (default 4 with --draft)")
+    spec.add_argument("--verify", choices=VERIFY_MODES, default="batched",
+                      help="batched: one target forward over the drafts (as served); "
+                           "stepwise: one forward per token (the numbers of plain decoding)")
+    spec.add_argument("--ngram", type=parse_ngram, default=(1, 4), metavar="MIN,MAX",
+                      help="n-gram lengths the prompt-lookup drafter matches")
+    spec.add_argument("--compare-plain", action="store_true",
+                      help="also run plain decoding in the same run and print both tokens/s")
+    think = p.add_argument_group("thinking modes (openPangu chat models)")
+    think.add_argument("--think", choices=tuple(THINK_SUFFIXES),
+                       help="with --chat: slow (think first; no suffix), fast (' /no_think'), "
+                            "auto (' /auto_think') on the user message")
+    think.add_argument("--hide-thinking", action="store_true",
+                       help="leave out the reasoning between [unused16] and [unused17] (a "
+                            "count of what was hidden goes to stderr)")
     p.set_defaults(func=main)
+
+
+def parse_ngram(text: str) -> tuple:
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX, e.g. 1,4, got {text!r}") from None
+    return lo, hi
 
 
 def parse_token_ids(text: str) -> list:
@@ -110,6 +144,17 @@ def _check_options(args) -> None:
     if args.stream and not is_checkpoint_dir(args.model):
         raise InputError(f"--stream reads a checkpoint directory, and {args.model} is not one "
                          "(write one with: python -m refimpl init --preset NAME --out DIR)")
+    if args.speculate is not None and args.draft is None:
+        raise InputError("--speculate K needs a drafter: --draft DIR|PRESET|ngram|default-draft")
+    if args.draft is not None:
+        args.speculate = 4 if args.speculate is None else args.speculate
+        if args.speculate < 1:
+            raise InputError(f"--speculate must be at least 1, got {args.speculate}")
+    elif args.compare_plain:
+        raise InputError("--compare-plain compares speculative decoding with plain decoding; "
+                         "it needs --draft")
+    if args.think is not None and not args.chat:
+        raise InputError("--think sets the chat model's thinking mode; it needs --chat")
 
 
 def add_conventions_argument(p) -> None:
@@ -186,7 +231,10 @@ def prompt_ids(args, tokenizer, config) -> tuple[list, bool]:
         return [config.bos_token_id], False
     if args.chat:
         text = DEFAULT_CHAT_PROMPT if args.prompt is None else args.prompt
-        return list(tokenizer.encode_chat([{"role": "user", "content": text}])), False
+        messages = [{"role": "user", "content": text}]
+        if args.think is not None:
+            messages = apply_think_mode(messages, args.think)
+        return list(tokenizer.encode_chat(messages)), False
     text = DEFAULT_PROMPT if args.prompt is None else args.prompt
     return list(tokenizer.encode(text)), True
 
@@ -197,6 +245,83 @@ def _text(stream, tokenizer, token: int) -> str:
     if token >= tokenizer.vocab_size:
         return stream.flush() + f"<id {token}>"
     return stream.feed(token)
+
+
+def open_drafter(args, target, target_dir):
+    """The drafter of --draft, or None."""
+    if args.draft is None:
+        return None
+    if args.draft == "ngram":
+        lo, hi = args.ngram
+        return NgramDrafter(lo, hi)
+    where = DEFAULT_DRAFT_DIR if args.draft == "default-draft" else args.draft
+    if not is_checkpoint_dir(where) and where not in PRESET_NAMES:
+        raise InputError(f"--draft {args.draft!r} is neither ngram, default-draft, a checkpoint "
+                         f"directory nor a preset ({', '.join(PRESET_NAMES)})")
+    if is_checkpoint_dir(where):
+        quantised = read_description(where) is not None
+        numerics = "w8a8" if quantised else ("bf16" if args.numerics == "w8a8" else args.numerics)
+        draft = load_model(where, numerics=numerics, backend=args.backend,
+                           allow_nonfinite=args.allow_nonfinite)
+        _check_same_tokenizer(where, target_dir, args)
+    else:
+        from ..random_init import init_model
+
+        config = model_config(where)                      # refuses an unknown name
+        draft = init_model(config, seed=args.init_seed, numerics="bf16" if args.numerics ==
+                           "w8a8" else args.numerics, backend=args.backend)
+    return ModelDrafter(draft, args.temperature, args.top_k, args.top_p,
+                        vocab_size=target.config.vocab_size)
+
+
+def _check_same_tokenizer(draft_dir, target_dir, args) -> None:
+    """A draft model must share the target's tokenizer (the same token ids)."""
+    def tok(d):
+        f = os.path.join(d, TOKENIZER_NAME) if d else None
+        return f if f and os.path.isfile(f) else None
+    a = tok(draft_dir)
+    b = (tokenizer_file(args.tokenizer) if args.tokenizer else tok(target_dir)
+         or (os.path.join(DEFAULT_MODEL_DIR, TOKENIZER_NAME) if target_dir is None else None))
+    if a and b:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            if fa.read() != fb.read():
+                raise InputError(f"--draft {args.draft}: its tokenizer.model differs from the "
+                                 "target's; a draft model must share the target's tokenizer")
+
+
+class _Printer:
+    """Generated text to stdout, the reasoning span dimmed (a terminal) or under headers,
+    or hidden (--hide-thinking)."""
+
+    def __init__(self, out, hide: bool):
+        self.out, self.hide = out, hide
+        self.tty = hasattr(out, "isatty") and out.isatty()
+        self.splitter = ThinkingSplitter()
+        self.state = "answer"
+        self.hidden = 0
+
+    def write(self, text: str) -> None:
+        self._segments(self.splitter.feed(text))
+
+    def close(self) -> None:
+        self._segments(self.splitter.flush())
+        if self.state == "thinking" and not self.hide:
+            self.out.write("\x1b[22m" if self.tty else "\n")
+
+    def _segments(self, segments) -> None:
+        for kind, text in segments:
+            if kind != self.state:
+                if not self.hide:
+                    if kind == "thinking":
+                        self.out.write("\x1b[2m" if self.tty else "[thinking]\n")
+                    else:
+                        self.out.write("\x1b[22m" if self.tty else "\n[answer]\n")
+                self.state = kind
+            if kind == "thinking" and self.hide:
+                self.hidden += len(text)
+            else:
+                self.out.write(text)
+        self.out.flush()
 
 
 def main(args) -> int:
@@ -218,19 +343,26 @@ def main(args) -> int:
     # the k-th new token comes from the logits at position len(ids) + k - 2
     room = config.max_position_embeddings - len(ids) + 1
     wanted = min(args.max_new_tokens, room)
+    drafter = open_drafter(args, model, model_dir)
+    stats = SpeculativeStats()
     new = []
+    printer = _Printer(out, args.hide_thinking) if as_text else None
     start = time.perf_counter()
     first = last = None
-    tokens = generate(model, ids, max_new_tokens=wanted,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      seed=args.seed, eos_id=eos)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed, eos_id=eos)
+    if drafter is None:
+        tokens = generate(model, ids, max_new_tokens=wanted, **sampling)
+    else:
+        tokens = speculative_generate(model, drafter, ids, args.speculate, wanted,
+                                      stats=stats, verify=args.verify, **sampling)
     for token in tokens:
         last = time.perf_counter()
         first = first or last
         new.append(int(token))
         if as_text:
             if token not in eos:
-                out.write(_text(stream, tokenizer, int(token)))
+                printer.write(_text(stream, tokenizer, int(token)))
         else:
             out.write(("" if len(new) == 1 else " ") + str(int(token)))
         out.flush()
@@ -238,12 +370,34 @@ def main(args) -> int:
             break  # do not resume the generator: it would run one more forward
     end = time.perf_counter()
     if as_text:
-        out.write(stream.flush())
+        printer.write(stream.flush())
+        printer.close()
     out.write("\n")
     out.flush()
+    if printer is not None and printer.hidden:
+        print(f"[thinking hidden: {printer.hidden} characters]", file=sys.stderr)
 
     prefill = (first or end) - start
     decode = f"{(len(new) - 1) / (last - first):.2f} tokens/s" if len(new) > 1 else "n/a"
+    if drafter is not None:
+        print(f"[speculative: {drafter.name} drafter, K {args.speculate}, {args.verify} "
+              f"verification | acceptance {stats.acceptance_rate:.1%} ({stats.accepted}/"
+              f"{stats.drafted} drafts) | {stats.tokens_per_forward:.2f} tokens per target "
+              f"forward ({stats.target_forwards} forwards) | {(len(new)) / (end - start):.2f} "
+              "tokens/s overall]", file=sys.stderr)
+        if args.compare_plain:
+            t0 = time.perf_counter()
+            plain = []
+            for token in generate(model, ids, max_new_tokens=wanted, **sampling):
+                plain.append(int(token))
+                if len(plain) == wanted or token in eos:
+                    break
+            t1 = time.perf_counter()
+            same = ("same tokens" if plain == new else "different tokens (sampled: same "
+                    "distribution)" if args.temperature > 0 else "different tokens")
+            print(f"[plain decoding: {len(plain) / (t1 - t0):.2f} tokens/s overall | "
+                  f"speculative {len(new) / (end - start) / (len(plain) / (t1 - t0)):.2f}x | "
+                  f"{same}]", file=sys.stderr)
     stop = " (stopped at eos)" if new and new[-1] in eos else ""
     if not stop and wanted < args.max_new_tokens:
         stop = (f" (stopped: all {config.max_position_embeddings} positions "

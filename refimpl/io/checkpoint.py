@@ -42,6 +42,9 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
 #: the embedded default model shipped with the package
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
                                  "default")
+#: the speculative-decoding draft model of the default (`run --draft default-draft`): the
+#: same tokenizer, 0.87M parameters (tools/train_default_model.py --draft)
+DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(DEFAULT_MODEL_DIR), "default-draft")
 
 _TORCH_DTYPE_NAMES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
                       "float64": "float64"}
@@ -476,4 +479,5 @@ __all__ = ["load_model", "load_weights", "load_config", "read_safetensors", "sav
            "init_checkpoint", "checkpoint_files", "check_config_agrees", "check_all_finite",
            "first_layers", "with_layers", "tokenizer_file", "tokenizer_pieces", "shard_plan",
            "model_config", "is_checkpoint_dir", "is_memory_mapped", "DEFAULT_MODEL_DIR",
+           "DEFAULT_DRAFT_DIR",
            "DEFAULT_MAX_SHARD_BYTES"]
