@@ -833,6 +833,77 @@ def bench_moe(args, out: dict) -> None:
                   f"(spec / numba {slow / max(fast, 1e-9):6.1f}x)")
 
 
+def _spec_runs(target, drafter, prompts, K, new_tokens, repeat) -> dict:
+    """Greedy decoding of every prompt, plain (drafter None) or speculative; median over
+    `repeat` of the total time, and the speculative statistics of the last repeat."""
+    from refimpl.generate import generate
+    from refimpl.speculative import SpeculativeStats, speculative_generate
+
+    times, outputs = [], []
+    for _ in range(repeat):
+        stats = SpeculativeStats()
+        outputs = []
+        t0 = time.perf_counter()
+        for ids in prompts:
+            gen = (generate(target, ids, new_tokens, stop_at_eos=False) if drafter is None else
+                   speculative_generate(target, drafter, ids, K, new_tokens, stop_at_eos=False,
+                                        stats=stats))
+            outputs.append(list(gen))
+        times.append(time.perf_counter() - t0)
+    t = float(np.median(times))
+    return {"seconds": t, "tokens_per_s": len(prompts) * new_tokens / t, "outputs": outputs,
+            "acceptance": stats.acceptance_rate, "tokens_per_forward": stats.tokens_per_forward}
+
+
+def bench_speculative(args, out: dict) -> None:
+    """Speculative vs plain greedy decoding in the same run: the default model with the
+    n-gram and the shipped draft model, and the embedded-1b width (2 layers, random weights,
+    a repetitive prompt) with the n-gram drafter. Numba backend, --numerics."""
+    _section(f"speculative decoding: greedy, numba, {args.numerics} (plain decoding in the "
+             "same run)")
+    import refimpl
+    from refimpl.io.checkpoint import DEFAULT_DRAFT_DIR, DEFAULT_MODEL_DIR, load_model
+    from refimpl.speculative import ModelDrafter, NgramDrafter
+    from refimpl.tokenizer import Tokenizer
+
+    repeat = args.repeat or (1 if args.quick else 3)
+    new_tokens = 24 if args.quick else 48
+    tok = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    heldout = os.path.join(os.path.dirname(DEFAULT_MODEL_DIR), "heldout", "evaluation.txt")
+    with open(heldout, encoding="utf-8") as fh:
+        lines = [ln.strip() for ln in fh if ln.strip()][:2 if args.quick else 4]
+    default = load_model(DEFAULT_MODEL_DIR, numerics=args.numerics, backend="numba")
+    draft = load_model(DEFAULT_DRAFT_DIR, numerics=args.numerics, backend="numba")
+    wide = refimpl.init_model("embedded-1b", seed=0, numerics=args.numerics, backend="numba",
+                              num_hidden_layers=2)
+    setups = [("default (3.8M)", default, [tok.encode(ln)[:16] for ln in lines],
+               {"ngram": NgramDrafter, "default-draft (0.87M)": lambda: ModelDrafter(draft)}),
+              ("embedded-1b width, 2 layers, random", wide,
+               [[1, 500, 600, 700, 800, 500, 600, 700]], {"ngram": NgramDrafter})]
+    rows = []
+    print("| target | drafter | K | acceptance | tokens / target forward | tokens/s | "
+          "vs plain | greedy = plain |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, target, prompts, drafters in setups:
+        _spec_runs(target, ModelDrafter(draft) if target is default else None, prompts[:1], 2,
+                   4, 1)                                  # compile, fault pages in
+        plain = _spec_runs(target, None, prompts, 0, new_tokens, repeat)
+        print(f"| {name} | (plain) | - | - | 1.00 | {plain['tokens_per_s']:.1f} | 1.00x | - |")
+        rows.append({"target": name, "drafter": None, **{k: v for k, v in plain.items()
+                                                        if k != "outputs"}})
+        for dname, make in drafters.items():
+            for K in ((2, 4) if args.quick else (1, 2, 4, 8)):
+                r = _spec_runs(target, make(), prompts, K, new_tokens, repeat)
+                same = r["outputs"] == plain["outputs"]
+                print(f"| {name} | {dname} | {K} | {r['acceptance']:.1%} | "
+                      f"{r['tokens_per_forward']:.2f} | {r['tokens_per_s']:.1f} | "
+                      f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x | "
+                      f"{'yes' if same else 'NO'} |")
+                rows.append({"target": name, "drafter": dname, "K": K, "greedy_equal": same,
+                             **{k: v for k, v in r.items() if k != "outputs"}})
+    out["speculative"] = rows
+
+
 def _common(args, numerics=None) -> list[str]:
     extra = ["--repeat", str(args.repeat), "--numerics", numerics or args.numerics]
     return extra + (["--quick"] if args.quick else [])
@@ -856,7 +927,7 @@ def run(args) -> dict:
         print(f"  warning: load average {m['loadavg_1min']} > 0.5 - other jobs share the CPUs, "
               "timings are inflated")
     sections = {"compile": bench_compile, "ops": bench_ops, "e2e": bench_e2e, "moe": bench_moe,
-                "longctx": bench_longctx}
+                "longctx": bench_longctx, "speculative": bench_speculative}
     for name in ([args.only] if args.only else list(sections)):
         sections[name](args, out)
     if args.json:
@@ -870,7 +941,7 @@ def run(args) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="fewer shapes, 4 of 26 layers end to end, 128-token MoE")
-    p.add_argument("--only", choices=["compile", "ops", "e2e", "moe", "longctx"],
+    p.add_argument("--only", choices=["compile", "ops", "e2e", "moe", "longctx", "speculative"],
                    help="one section")
     p.add_argument("--repeat", type=int, default=None,
                    help="timed runs per measurement, median reported (default 3, quick 1)")

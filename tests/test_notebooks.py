@@ -36,7 +36,7 @@ def _read(name):
 def test_every_notebook_is_listed_in_the_readme():
     with open(os.path.join(NB_DIR, "README.md"), encoding="utf-8") as fh:
         readme = fh.read()
-    assert len(NAMES) == 7
+    assert len(NAMES) == 8
     for name in NAMES:
         assert name in readme, f"{name} is not listed in notebooks/README.md"
 
