@@ -146,6 +146,11 @@ class SpeculativeStats:
         return self.accepted / self.drafted if self.drafted else 1.0
 
     @property
+    def accepted_per_forward(self) -> float:
+        """Mean draft tokens accepted per target forward (tokens_per_forward - 1)."""
+        return self.accepted / self.target_forwards if self.target_forwards else 0.0
+
+    @property
     def tokens_per_forward(self) -> float:
         """Mean tokens emitted per target forward (1 = no gain, K + 1 = every draft kept)."""
         return self.emitted / self.target_forwards if self.target_forwards else 0.0

@@ -346,6 +346,7 @@ def test_greedy_speculative_output_is_plain_greedy(mode, default_tok):
                 assert got == plain, (name, mode, K, drafter.name)
                 assert stats.emitted == 24 and stats.target_forwards <= 24
                 assert stats.accepted <= stats.drafted
+                assert abs(stats.accepted_per_forward + 1 - stats.tokens_per_forward) < 1e-12
 
 
 def test_batched_verification_is_plain_greedy_where_the_target_is_batch_invariant(default_tok):

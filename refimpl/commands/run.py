@@ -382,7 +382,8 @@ def main(args) -> int:
     if drafter is not None:
         print(f"[speculative: {drafter.name} drafter, K {args.speculate}, {args.verify} "
               f"verification | acceptance {stats.acceptance_rate:.1%} ({stats.accepted}/"
-              f"{stats.drafted} drafts) | {stats.tokens_per_forward:.2f} tokens per target "
+              f"{stats.drafted} drafts), {stats.accepted_per_forward:.2f} accepted per target "
+              f"forward | {stats.tokens_per_forward:.2f} tokens per target "
               f"forward ({stats.target_forwards} forwards) | {(len(new)) / (end - start):.2f} "
               "tokens/s overall]", file=sys.stderr)
         if args.compare_plain:
