@@ -68,20 +68,7 @@ def grouped_matmul(x_sorted: np.ndarray, weights, group_list,
     """`refimpl.ops.grouped_matmul` with the linear kernel per group (bit-equal to the spec's
     linear where the kernel's sum order is exact; rows past the last group never read).
     # x_sorted [R, in], weights [E, out, in], group_list [E] -> [R, out]"""
-    R = x_sorted.shape[0]
-    E = len(weights)
-    bounds = spec.group_bounds(group_list, E, R, group_list_type)
-    out = None
-    for e in range(E):
-        a, b = int(bounds[e]), int(bounds[e + 1])
-        if b > a:
-            y = linear(x_sorted[a:b], weights[e])                 # [n_e, out]
-            if out is None:
-                out = np.zeros((R, y.shape[1]), x_sorted.dtype)
-            out[a:b] = y
-    if out is None:
-        out = np.zeros((R, np.asarray(weights[0]).shape[0] if E else 0), x_sorted.dtype)
-    return out
+    return spec.grouped_matmul(x_sorted, weights, group_list, group_list_type, product=linear)
 
 
 def grouped_gate_up(x_sorted: np.ndarray, experts, group_list) -> np.ndarray:

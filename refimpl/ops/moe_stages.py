@@ -126,16 +126,21 @@ def group_bounds(group_list, num_groups: int, num_rows: int,
 
 
 def grouped_matmul(x_sorted: np.ndarray, weights, group_list,
-                   group_list_type: str = "cumsum") -> np.ndarray:
+                   group_list_type: str = "cumsum", product=None,
+                   out_dtype=None) -> np.ndarray:
     """One product per group: rows of group e times weights[e]^T.
 
     # x_sorted [R, in], weights [E, out, in] (or a sequence of E [out, in]), group_list [E]
     # -> [R, out]
-    Rows start .. end - 1 of group e (from `group_bounds`) give `linear(rows, weights[e])`:
-    accumulation in float32 (float64 in fp64), one rounding to x's dtype. Rows past the last
-    group are never read (they may hold anything, NaN included) and come back as zeros; a
-    group of zero rows reads nothing of its weight.
+    Rows start .. end - 1 of group e (from `group_bounds`) give `product(rows, weights[e])`,
+    by default `linear`: accumulation in float32 (float64 in fp64), one rounding to x's
+    dtype. Rows past the last group are never read (they may hold anything, NaN included)
+    and come back as zeros; a group of zero rows reads nothing of its weight. `product` and
+    `out_dtype` (default x's dtype) let the kernels and the int8 path (`quant_grouped_matmul`:
+    int8_matmul to int32) share this loop.
     """
+    product = product or linear
+    out_dtype = x_sorted.dtype if out_dtype is None else np.dtype(out_dtype)
     R = x_sorted.shape[0]
     E = len(weights)
     bounds = group_bounds(group_list, E, R, group_list_type)
@@ -143,12 +148,12 @@ def grouped_matmul(x_sorted: np.ndarray, weights, group_list,
     for e in range(E):
         a, b = int(bounds[e]), int(bounds[e + 1])
         if b > a:
-            y = linear(x_sorted[a:b], weights[e])              # [n_e, in] -> [n_e, out]
+            y = product(x_sorted[a:b], weights[e])             # [n_e, in] -> [n_e, out]
             if out is None:
-                out = np.zeros((R, y.shape[1]), x_sorted.dtype)
+                out = np.zeros((R, y.shape[1]), out_dtype)
             out[a:b] = y
     if out is None:                                            # no rows at all
-        out = np.zeros((R, np.asarray(weights[0]).shape[0] if E else 0), x_sorted.dtype)
+        out = np.zeros((R, np.asarray(weights[0]).shape[0] if E else 0), out_dtype)
     return out
 
 

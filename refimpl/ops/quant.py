@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import InputError
 from ..numerics import accum_dtype, round_to, to_accum
 from .basic import silu
-from .moe_stages import group_bounds
+from .moe_stages import group_bounds, grouped_matmul
 
 INT8_MIN, INT8_MAX = -128, 127
 #: symmetric int8 range used by every per-channel / per-token scale: max|x| maps to 127
@@ -228,20 +228,8 @@ def quant_grouped_matmul(x_q: np.ndarray, weights, group_list,
     Rows past the last group are not read and come back 0; an empty group reads nothing.
     `matmul` replaces `int8_matmul` (as in `quant_matmul`).
     """
-    x_q, matmul = check_int8("x_q", x_q), matmul or int8_matmul
-    R, E = x_q.shape[0], len(weights)
-    bounds = group_bounds(group_list, E, R, group_list_type)
-    out = None
-    for e in range(E):
-        a, b = int(bounds[e]), int(bounds[e + 1])
-        if b > a:
-            acc = matmul(x_q[a:b], weights[e])                     # [n_e, k] -> [n_e, n]
-            if out is None:
-                out = np.zeros((R, acc.shape[1]), np.int32)
-            out[a:b] = acc
-    if out is None:
-        out = np.zeros((R, np.asarray(weights[0]).shape[0] if E else 0), np.int32)
-    return out
+    return grouped_matmul(check_int8("x_q", x_q), weights, group_list, group_list_type,
+                          product=matmul or int8_matmul, out_dtype=np.int32)
 
 
 def group_rows_scale(row_bounds, per_group, R: int) -> np.ndarray:
