@@ -124,7 +124,69 @@ def machine_info() -> dict:
                 "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"):
         info[var] = os.environ.get(var, "(unset)")
     info["loadavg_1min"] = round(os.getloadavg()[0], 2)
+    info["isa"] = isa_flags()
     return info
+
+
+#: the vector extensions the bench reports (/proc/cpuinfo flag names)
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "amx_bf16", "amx_int8")
+
+
+def isa_flags() -> list:
+    """The ISA_FLAGS this CPU has (empty where /proc/cpuinfo is not readable)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((ln.split(":", 1)[1].split() for ln in fh if ln.startswith("flags")),
+                         [])
+    except OSError:
+        return []
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+_PEAK_LANES = 256          # float32 lanes updated per step: 16 zmm / 32 ymm registers' worth
+
+
+def _fma_peak_kernel():
+    """A Numba loop of independent a = a * m + c updates on _PEAK_LANES float32 lanes per
+    thread, contracted to FMA (the one place the project uses a fast-math flag: it is a
+    measurement of the machine, not a kernel whose numbers anyone reads)."""
+    import numba
+
+    @numba.njit(parallel=True, fastmath={"contract"}, cache=False)
+    def peak(steps, nthreads, out):
+        for t in numba.prange(nthreads):
+            a = np.full(_PEAK_LANES, np.float32(t + 1) * np.float32(1e-3))
+            m, c = np.float32(0.999999), np.float32(1e-7)
+            for _ in range(steps):
+                for j in range(_PEAK_LANES):
+                    a[j] = a[j] * m + c
+            out[t] = a.sum()
+    return peak
+
+
+def fma_peak_gflops(seconds: float = 0.5) -> float:
+    """The measured float32 FMA throughput of all Numba threads, GFLOP/s (2 per FMA)."""
+    import numba
+
+    peak = _fma_peak_kernel()
+    n = numba.get_num_threads()
+    out = np.zeros(n, np.float32)
+    peak(10, n, out)                                           # compile
+    steps = 1000
+    while True:
+        t0 = time.perf_counter()
+        peak(steps, n, out)
+        dt = time.perf_counter() - t0
+        if dt > seconds / 4:
+            break
+        steps *= 4
+    best = dt
+    for _ in range(2):
+        t0 = time.perf_counter()
+        peak(steps, n, out)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * _PEAK_LANES * steps * n / best / 1e9
 
 
 def _threading_layer() -> str:
@@ -279,8 +341,8 @@ def op_cases(quick: bool, numerics: str):
     rng = np.random.default_rng(0)
     cases = []
 
-    def add_case(name, shape, np_fn, nb_fn, th_fn):
-        cases.append((name, shape, np_fn, nb_fn, th_fn))
+    def add_case(name, shape, np_fn, nb_fn, th_fn, flops=None):
+        cases.append((name, shape, np_fn, nb_fn, th_fn, flops))
 
     def layer_cases(tag, H, Hq, Hkv, I, tokens, lm_head_vocab=None):
         D = 128
@@ -300,7 +362,8 @@ def op_cases(quick: bool, numerics: str):
                      tops and (lambda tx=tx: tops["rms_norm"](tx, tw["w_norm"], 1e-5)))
             add_case("linear q_proj", f"{tag} T={T} [{T},{H}]x[{Hq * D},{H}]+b",
                      lambda x=x: ops.linear(x, wq, bq), lambda x=x: K.linear(x, wq, bq),
-                     tops and (lambda tx=tx: tops["linear"](tx, tw["wq"], tw["bq"])))
+                     tops and (lambda tx=tx: tops["linear"](tx, tw["wq"], tw["bq"])),
+                     flops=2 * T * H * Hq * D)
             q = _rand(rng, (T, Hq, D), dt)
             cos, sin = ops.rope_tables(np.arange(T), D, 4e6, dtype=acc)
             tq = tt(q) if tops else None
@@ -325,7 +388,8 @@ def op_cases(quick: bool, numerics: str):
                          tops and (lambda tq=tq, tk=tk, tv=tv: tops["attention"](tq, tk, tv, True)))
             add_case("swiglu", f"{tag} T={T} [{T},{H}] I={I}",
                      lambda x=x: ops.swiglu(x, wg, wu, wd), lambda x=x: K.swiglu(x, wg, wu, wd),
-                     tops and (lambda tx=tx: tops["swiglu"](tx, tw["wg"], tw["wu"], tw["wd"])))
+                     tops and (lambda tx=tx: tops["swiglu"](tx, tw["wg"], tw["wu"], tw["wd"])),
+                     flops=2 * T * H * I * 3)
             add_case("add (residual)", f"{tag} T={T} [{T},{H}]", lambda x=x, y=y: ops.add(x, y),
                      lambda x=x, y=y: K.add(x, y), tops and (lambda tx=tx, ty=ty: tops["add"](tx, ty)))
         if lm_head_vocab:
@@ -361,14 +425,19 @@ def worker_ops(args) -> dict:
     rows = []
     ctx = torch.inference_mode() if torch is not None else _Null()
     with ctx:
-        for name, shape, np_fn, nb_fn, th_fn in op_cases(args.quick, args.numerics):
+        peak = fma_peak_gflops()
+        print(json.dumps({"peak": peak}), flush=True)
+        for name, shape, np_fn, nb_fn, th_fn, flops in op_cases(args.quick, args.numerics):
             row = {"op": name, "shape": shape}
             row["numba_ms"] = 1e3 * median_time(nb_fn, args.repeat)
             row["numpy_ms"] = 1e3 * median_time(np_fn, args.repeat)
             row["torch_ms"] = 1e3 * median_time(th_fn, args.repeat) if th_fn else None
+            if flops and "T=1 " not in shape:              # prefill-sized products only
+                row["numba_gflops"] = flops / row["numba_ms"] / 1e6
+                row["numba_of_peak"] = row["numba_gflops"] / peak
             rows.append(row)
             print(json.dumps({"progress": row}), flush=True)
-    return {"rows": rows}
+    return {"rows": rows, "fma_peak_gflops": peak}
 
 
 class _Null:
@@ -643,6 +712,10 @@ def run_worker(kind: str, extra: list[str], env=None, timeout=3600) -> dict:
         elif line.startswith("{") and '"progress"' in line:
             row = json.loads(line)["progress"]
             print(_fmt_op_row(row), flush=True)
+        elif line.startswith('{"peak"'):
+            print(f"  measured float32 FMA peak, all Numba threads: "
+                  f"{json.loads(line)['peak']:.1f} GFLOP/s (GEMM rows: numba's share of it)",
+                  flush=True)
     stderr = proc.stderr.read()
     proc.wait(timeout=timeout)
     if proc.returncode != 0 or result is None:
@@ -659,7 +732,9 @@ def _fmt_op_row(r) -> str:
     torch_ms = r.get("torch_ms")
     return (f"  {r['op']:<16} {r['shape']:<44} {r['numpy_ms']:>10.3f} {r['numba_ms']:>10.3f} "
             f"{(f'{torch_ms:10.3f}' if torch_ms else '         -')} "
-            f"{_ratio(r['numpy_ms'], r['numba_ms']):>9} {_ratio(torch_ms, r['numba_ms']):>9}")
+            f"{_ratio(r['numpy_ms'], r['numba_ms']):>9} {_ratio(torch_ms, r['numba_ms']):>9}"
+            + (f" {r['numba_gflops']:7.1f} GFLOP/s {100 * r['numba_of_peak']:4.0f}% of peak"
+               if r.get("numba_gflops") else ""))
 
 
 def _section(title):
@@ -921,6 +996,7 @@ def run(args) -> dict:
           f"{m['threading_layer']} layer), torch {m.get('torch', 'not installed')} "
           f"({m.get('torch_threads', '-')} threads), transformers "
           f"{m.get('transformers', '-')}")
+    print(f"  ISA: {' '.join(m['isa']) or '(unknown)'}")
     print("  env: " + ", ".join(f"{k}={m[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS",
                                                          "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")))
     if m["loadavg_1min"] > 0.5:
