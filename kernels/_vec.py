@@ -202,6 +202,16 @@ def _make_dot(MR: int, NR: int):
     return dot_tile
 
 
+_DOTS: dict = {}
+
+
+def make_dot(MR: int, NR: int):
+    """The dot_MRxNR intrinsic (made once per shape)."""
+    if (MR, NR) not in _DOTS:
+        _DOTS[MR, NR] = _make_dot(MR, NR)
+    return _DOTS[MR, NR]
+
+
 dot_1x1 = _make_dot(1, 1)
 dot_1x4 = _make_dot(1, 4)
 dot_4x1 = _make_dot(4, 1)

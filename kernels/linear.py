@@ -8,10 +8,12 @@ token of its rows, so no output depends on the thread count.
   single sequential stream per thread, which the hardware prefetcher serves best (measured
   here: 33 GB/s with two threads, against 26 GB/s when four or six rows are interleaved).
 * Prefill: tokens in blocks whose rows stay in the core's L2 (TOKEN_BLOCK_BYTES), and in a
-  block, tiles of 4 tokens x 4 weight rows (`_vec.dot_4x4`): eight row loads feed 16 dot
-  products, and each block of 4 weight rows is reused across all tokens of the block.
-  (4x4 measured fastest for bf16, whose pairs-widening needs two registers per row; 4x6 is
-  ~6% faster for float32 but is not worth a second code path.)
+  block, tiles of MR tokens x NR weight rows (`_vec.make_dot(MR, NR)`), each block of NR
+  weight rows reused across all tokens of the block. The tile follows the ISA Numba
+  compiles for (`tile_shape`): 4 x 4 with AVX-512 (eight row loads feed 16 dot products;
+  fastest for bf16, whose pair widening needs two registers per row), 2 x 2 with AVX2, whose
+  16 registers a 4 x 4 tile of 16-lane accumulators overflows (measured with Numba told to
+  compile for AVX2 on an AVX-512 host: 4 x 4 58-87 GFLOP/s, 2 x 2 77-130; BENCHMARKS.md).
 
 * No BLAS, also for float32 weights: alone, OpenBLAS sgemm is ~10-20% faster than this
   kernel in float32 (bf16's cheap pair widening is what makes the bf16 kernel its equal),
@@ -39,12 +41,35 @@ from refimpl import ops as spec
 from refimpl.numerics import STORAGE_DTYPES
 
 from ._dtypes import acc_np, check_dtype, empty, parallel, raw, rnd, silu, st
-from ._vec import dot_1x1, dot_4x4
+from ._vec import dot_1x1, make_dot
 
 #: bytes of token rows kept per cache-resident block (half of a 1 MiB L2)
 TOKEN_BLOCK_BYTES = 512 * 1024
+def tile_shape() -> tuple:
+    """(MR, NR) of the prefill tile for the ISA Numba compiles for (NUMBA_CPU_FEATURES, else
+    the host's): 4 x 4 with AVX-512's 32 vector registers; 2 x 2 without, since a tile's
+    MR * NR accumulators of 16 float32 lanes take two 256-bit registers each and AVX2 has 16
+    (4 x 4 spills: measured 52-58 GFLOP/s against 2 x 2's, BENCHMARKS.md). REFIMPL_TILE=MxN
+    overrides (for measuring). Every dot product is the same whatever the tile (`_vec`)."""
+    import os
+
+    forced = os.environ.get("REFIMPL_TILE")
+    if forced:
+        mr, nr = (int(v) for v in forced.lower().split("x"))
+        return mr, nr
+    from numba.core import config
+
+    features = config.CPU_FEATURES
+    if features is None:
+        import llvmlite.binding as ll
+
+        features = ll.get_host_cpu_features().flatten()
+    return (4, 4) if "+avx512f" in features.split(",") else (2, 2)
+
+
 #: tile shape of the prefill kernel: MR tokens x NR weight rows
-MR, NR = 4, 4
+MR, NR = tile_shape()
+dot_tile = make_dot(MR, NR)
 
 #: decode: gate rows then up rows stream in runs of this many rows
 ROW_RUN = 256
@@ -76,7 +101,7 @@ def _tile(x, w, t, n, K, nt, nn, r):
     pass, edge tiles (nt or nn of 1) dot by dot (the same dot products, fewer variants to
     compile)."""
     if nt == MR and nn == NR:
-        v = dot_4x4(x, t * K, K, w, n * K, K, K)
+        v = dot_tile(x, t * K, K, w, n * K, K, K)
         for i in range(MR * NR):
             r[i] = v[i]
     else:

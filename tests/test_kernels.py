@@ -203,7 +203,7 @@ def test_linear_matches_spec(mode, M, Kd, N):
 
 
 def test_linear_row_is_the_same_in_any_tile():
-    """An output is the same dot product whether computed in a 4x4 prefill tile or alone."""
+    """An output is the same dot product whether computed in a prefill tile or alone."""
     rng = np.random.default_rng(3)
     for dt in MODES.values():
         x = randn(rng, (11, 77), dt)
@@ -211,6 +211,52 @@ def test_linear_row_is_the_same_in_any_tile():
         full = K.linear(x, w)
         for t in (0, 5, 10):
             assert np.array_equal(bits(K.linear(x[t:t + 1], w)), bits(full[t:t + 1]))
+
+
+_OTHER_TILE = textwrap.dedent("""
+    import sys
+    import ml_dtypes, numpy as np
+    from refimpl import kernels as K
+    import importlib
+    L = importlib.import_module("refimpl.kernels.linear")   # the module, not the function
+    assert (L.MR, L.NR) == tuple(int(v) for v in sys.argv[1].split("x")), (L.MR, L.NR)
+    data = np.load(sys.argv[2])
+    out = {}
+    for key in [k for k in data.files if k.startswith("x_")]:
+        tag = key[2:]
+        x, w = data["x_" + tag], data["w_" + tag]
+        if tag.startswith("bf16"):
+            x, w = x.view(ml_dtypes.bfloat16), w.view(ml_dtypes.bfloat16)
+        out[tag] = np.ascontiguousarray(K.linear(x, w)).view(np.uint8)
+    np.savez(sys.argv[3], **out)
+    """)
+
+
+def test_linear_is_the_same_whatever_the_tile_shape(tmp_path):
+    """The prefill tile depends on the ISA (4 x 4 with AVX-512, 2 x 2 with AVX2,
+    `kernels.linear.tile_shape`); every output is the same dot product whatever the tile, so
+    a process forced to the other tile (REFIMPL_TILE) gives the same bits."""
+    import importlib
+    L = importlib.import_module("refimpl.kernels.linear")
+    other = "2x2" if (L.MR, L.NR) == (4, 4) else "4x4"
+    rng = np.random.default_rng(5)
+    arrays, here = {}, {}
+    for mode in ("bf16", "fp32"):
+        dt = MODES[mode]
+        for M, Kd, N in ((37, 77, 19), (64, 256, 96)):
+            tag = f"{mode}_{M}"
+            x, w = randn(rng, (M, Kd), dt), randn(rng, (N, Kd), dt, Kd ** -0.5)
+            raw = (lambda a: a.view(np.uint16)) if mode == "bf16" else (lambda a: a)
+            arrays["x_" + tag], arrays["w_" + tag] = raw(x), raw(w)
+            here[tag] = bits(K.linear(x, w))
+    np.savez(tmp_path / "in.npz", **arrays)
+    p = subprocess.run([sys.executable, "-c", _OTHER_TILE, other, str(tmp_path / "in.npz"),
+                        str(tmp_path / "out.npz")], capture_output=True, text=True,
+                       env=dict(os.environ, REFIMPL_TILE=other))
+    assert p.returncode == 0, p.stderr
+    theirs = np.load(tmp_path / "out.npz")
+    for tag, y in here.items():
+        assert np.array_equal(y, theirs[tag]), tag
 
 
 def test_linear_keeps_leading_dims_and_falls_back_for_dtype_mixes():
