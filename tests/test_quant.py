@@ -777,6 +777,9 @@ def test_moe_quant_goldens_fail_wrong_kernels_and_pass_correct_ones(moe_quant_ca
     y_no_xscale = ops.group_dequantize(acc, t["weight_scale"], t["group_list"], bfloat16)
     assert _verdicts(gmm, _write(tmp_path / "g3", {"acc": acc, "y": y_no_xscale}))["y"] == "fail"
     td = load_case(dsq).tensors
+    crit = {e["name"]: e["criterion"]["name"] for e in load_case(dsq).manifest["tensors"]
+            if e["role"] == "output"}
+    assert crit["h_q"] == "exact"             # torch's silu below, NumPy's in the spec
     ok = _verdicts(dsq, _write(tmp_path / "d0", _dsq_candidate(td)))
     assert set(ok.values()) == {"pass"}, ok
     for i, bug in enumerate(("expert_off_by_one", "no_activation_scale", "activate_right",
