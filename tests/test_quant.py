@@ -12,14 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-import refimpl
 from refimpl import kernels as K
 from refimpl import ops
 from refimpl.errors import CheckpointError, InputError
@@ -35,25 +32,12 @@ from refimpl.quant import (DESCRIPTION_NAME, calibration_sequences, quantize_che
                            read_description)
 from refimpl.quant.quantize import CALIBRATION_TEXT, weight_quant
 from refimpl.taps import Taps
+
+from .conftest import candidate_verdicts, cli, one_line_error
 from refimpl.tokenizer import Tokenizer
 
 SCHEMES = ("W8A8", "W8A8_DYNAMIC")
 EVAL_TEXT = os.path.join(os.path.dirname(CALIBRATION_TEXT), "evaluation.txt")
-
-
-def cli(*args, check_rc=None):
-    p = subprocess.run([sys.executable, "-m", "refimpl", *args], capture_output=True,
-                       text=True)
-    if check_rc is not None:
-        assert p.returncode == check_rc, p.stderr
-    return p
-
-
-def one_line_error(p) -> str:
-    assert p.returncode == 2, (p.returncode, p.stderr)
-    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    return lines[0]
 
 
 # ---------------------------------------------------------------------- operators
@@ -620,20 +604,6 @@ def test_quantize_run_golden_end_to_end(tmp_path, tiny_moge_dirs):
 
 
 # ---------------------------------------------------------------------- golden verdicts
-def _write(tmp_path, arrays):
-    d = tmp_path / "cand"
-    d.mkdir(parents=True, exist_ok=True)
-    for name, a in arrays.items():
-        a = np.asarray(a)
-        np.save(d / f"{name}.npy", a.view(np.uint16) if a.dtype == bfloat16 else a)
-    return str(d)
-
-
-def _verdicts(case_dir, cand) -> dict:
-    report = compare_paths(case_dir, cand, Options())
-    return {o["name"]: o["verdict"] for c in report["cases"] for o in c["outputs"]}
-
-
 @pytest.fixture(scope="module", params=["tiny-dense", "embedded-1b"])
 def quant_matmul_cases(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("gq")
@@ -719,7 +689,7 @@ def test_quant_matmul_goldens_fail_wrong_kernels_and_pass_correct_ones(quant_mat
             correct.append(make(t, "correct_other_order"))
         for arrays in correct:
             n += 1
-            got = _verdicts(case_dir, _write(tmp_path / f"ok{n}", arrays))
+            got = candidate_verdicts(case_dir, tmp_path / f"ok{n}" / "cand", arrays)
             assert set(got.values()) == {"pass"}, (case_dir, got)
         bugs = STATIC_BUGS if static else ("scale_over_128", "no_token_scale") + \
             (("no_bias",) if "bias" in t else ())
@@ -729,7 +699,7 @@ def test_quant_matmul_goldens_fail_wrong_kernels_and_pass_correct_ones(quant_mat
             n += 1
             with np.errstate(over="ignore"):      # a wrong deq_scale overflows fp16: the bug
                 arrays = make(t, bug)
-            got = _verdicts(case_dir, _write(tmp_path / f"bug{n}", arrays))
+            got = candidate_verdicts(case_dir, tmp_path / f"bug{n}" / "cand", arrays)
             caught.setdefault((mode, bug), []).append("fail" in got.values())
     missed = sorted(k for k, v in caught.items() if not any(v))
     assert not missed, missed
@@ -771,20 +741,23 @@ def test_moe_quant_goldens_fail_wrong_kernels_and_pass_correct_ones(moe_quant_ca
     acc = K.quant_grouped_matmul(t["x_q"], t["weights"], t["group_list"])
     y = ops.group_dequantize(acc, t["weight_scale"] * t["x_scale"][0], t["group_list"],
                              bfloat16)
-    assert set(_verdicts(gmm, _write(tmp_path / "g1", {"acc": acc, "y": y})).values()) == {"pass"}
+    got = candidate_verdicts(gmm, tmp_path / "g1" / "cand", {"acc": acc, "y": y})
+    assert set(got.values()) == {"pass"}
     shifted = ops.quant_grouped_matmul(t["x_q"], t["weights"][::-1].copy(), t["group_list"])
-    assert _verdicts(gmm, _write(tmp_path / "g2", {"acc": shifted, "y": y}))["acc"] == "fail"
+    got = candidate_verdicts(gmm, tmp_path / "g2" / "cand", {"acc": shifted, "y": y})
+    assert got["acc"] == "fail"
     y_no_xscale = ops.group_dequantize(acc, t["weight_scale"], t["group_list"], bfloat16)
-    assert _verdicts(gmm, _write(tmp_path / "g3", {"acc": acc, "y": y_no_xscale}))["y"] == "fail"
+    got = candidate_verdicts(gmm, tmp_path / "g3" / "cand", {"acc": acc, "y": y_no_xscale})
+    assert got["y"] == "fail"
     td = load_case(dsq).tensors
     crit = {e["name"]: e["criterion"]["name"] for e in load_case(dsq).manifest["tensors"]
             if e["role"] == "output"}
     assert crit["h_q"] == "exact"             # torch's silu below, NumPy's in the spec
-    ok = _verdicts(dsq, _write(tmp_path / "d0", _dsq_candidate(td)))
+    ok = candidate_verdicts(dsq, tmp_path / "d0" / "cand", _dsq_candidate(td))
     assert set(ok.values()) == {"pass"}, ok
     for i, bug in enumerate(("expert_off_by_one", "no_activation_scale", "activate_right",
                              "truncate")):
-        got = _verdicts(dsq, _write(tmp_path / f"d{i + 1}", _dsq_candidate(td, bug)))
+        got = candidate_verdicts(dsq, tmp_path / f"d{i + 1}" / "cand", _dsq_candidate(td, bug))
         assert got["h_q"] == "fail", (bug, got)
 
 

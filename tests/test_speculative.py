@@ -4,10 +4,7 @@ the golden cases and the wrong kernels they must fail."""
 
 from __future__ import annotations
 
-import itertools
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,12 +15,13 @@ from refimpl import ops
 from refimpl.errors import InputError
 from refimpl.generate import generate
 from refimpl.golden import operator_cases
-from refimpl.golden.compare import Options, compare_paths
 from refimpl.golden.format import load_case, write_case
 from refimpl.io.checkpoint import DEFAULT_DRAFT_DIR, DEFAULT_MODEL_DIR, load_model
 from refimpl.speculative import (ModelDrafter, NgramDrafter, SpeculativeStats,
                                  speculative_generate)
 from refimpl.tokenizer import Tokenizer
+
+from .conftest import candidate_verdicts, cli, one_line_error
 
 
 # ---------------------------------------------------------------------- vLLM, transcribed
@@ -457,7 +455,7 @@ def _candidate(t, variant, bug=None):
     """An independent rejection sampler on a case's tensors, with an optional bug."""
     d, counts, p = t["draft_token_ids"], t["num_draft_tokens"], t["target_probs"]
     q = t.get("draft_probs")
-    B, N, V = counts.size, d.size, p.shape[1]
+    B, V = counts.size, p.shape[1]
     greedy = variant == "greedy"
     out = np.full((B, counts.max() + 1), 0 if bug == "pad_zero" else -1, np.int32)
     acc = np.zeros(B, np.int32)
@@ -526,14 +524,6 @@ BUGS = {"sampled": ("gt_not_ge", "recover_from_p", "recover_q_minus_p", "accept_
                    "count_includes_emitted", "continue_after_reject")}
 
 
-def _verdicts(case_dir, directory, arrays) -> dict:
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, a in arrays.items():
-        np.save(directory / f"{name}.npy", np.asarray(a))
-    report = compare_paths(case_dir, str(directory), Options())
-    return {o["name"]: o["verdict"] for c in report["cases"] for o in c["outputs"]}
-
-
 def test_rejection_sample_goldens_fail_wrong_kernels_and_pass_correct_ones(rejection_cases,
                                                                            tmp_path):
     """The committed rule passes three implementations (the spec, the vLLM transcription in
@@ -559,30 +549,18 @@ def test_rejection_sample_goldens_fail_wrong_kernels_and_pass_correct_ones(rejec
                 t["target_probs"].dtype)
         for arrays in (spec, theirs, _candidate(t, variant)):
             n += 1
-            got = _verdicts(case_dir, tmp_path / f"ok{n}", {k: arrays[k] for k in spec})
+            got = candidate_verdicts(case_dir, tmp_path / f"ok{n}", {k: arrays[k] for k in spec})
             assert set(got.values()) == {"pass"}, (case_dir, got)
         fp64 = t["target_probs"].dtype == np.float64
         for bug in BUGS[variant]:
             if bug == "gt_not_ge" and fp64:
                 continue
             n += 1
-            got = _verdicts(case_dir, tmp_path / f"bug{n}", _candidate(t, variant, bug))
+            got = candidate_verdicts(case_dir, tmp_path / f"bug{n}", _candidate(t, variant, bug))
             assert "fail" in got.values(), (case_dir, bug, got)
 
 
 # ---------------------------------------------------------------------- the command line
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "refimpl", *args], capture_output=True,
-                          text=True)
-
-
-def _one_line(p) -> str:
-    assert p.returncode == 2, (p.returncode, p.stderr)
-    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    return lines[0]
-
-
 @pytest.mark.parametrize("draft", ["ngram", "default-draft"])
 def test_run_speculates_out_of_the_box(draft):
     plain = cli("run", "--max-new-tokens", "20")
@@ -608,12 +586,13 @@ def test_the_shipped_draft_model_shares_the_default_tokenizer():
 
 
 def test_run_speculative_bad_options(tmp_path):
-    assert "needs a drafter" in _one_line(cli("run", "--speculate", "3"))
-    assert "at least 1" in _one_line(cli("run", "--draft", "ngram", "--speculate", "0"))
-    assert "--draft 'nonexistent' is neither" in _one_line(cli("run", "--draft", "nonexistent"))
-    assert "needs --draft" in _one_line(cli("run", "--compare-plain"))
-    assert "larger than the target" in _one_line(
+    assert "needs a drafter" in one_line_error(cli("run", "--speculate", "3"))
+    assert "at least 1" in one_line_error(cli("run", "--draft", "ngram", "--speculate", "0"))
+    line = one_line_error(cli("run", "--draft", "nonexistent"))
+    assert "--draft 'nonexistent' is neither" in line
+    assert "needs --draft" in one_line_error(cli("run", "--compare-plain"))
+    assert "larger than the target" in one_line_error(
         cli("run", "--model", "tiny-dense", "--draft", "default-draft", "--token-ids", "1,2"))
     p = cli("run", "--draft", "ngram", "--ngram", "x")
     assert p.returncode == 2 and "MIN,MAX" in p.stderr
-    assert "min_n <= max_n" in _one_line(cli("run", "--draft", "ngram", "--ngram", "3,2"))
+    assert "min_n <= max_n" in one_line_error(cli("run", "--draft", "ngram", "--ngram", "3,2"))

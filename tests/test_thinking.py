@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 
 import pytest
 
@@ -16,12 +14,9 @@ from refimpl.thinking import (THINK_END, THINK_START, ThinkingSplitter, apply_th
                               split_thinking)
 from refimpl.tokenizer import Tokenizer
 
+from .conftest import cli
+
 REPLY = f"{THINK_START}The user greets me; answer briefly.{THINK_END}Hello! How can I help?"
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "refimpl", *args], capture_output=True,
-                          text=True)
 
 
 def test_mode_suffixes_go_on_the_last_user_message():

@@ -48,8 +48,10 @@ import time
 
 import numpy as np
 
+from refimpl.bench.suite import isa_flags
 from refimpl.config import preset
 from refimpl.io.checkpoint import DEFAULT_MODEL_DIR, init_checkpoint, load_model
+from refimpl.numerics import bfloat16
 from refimpl.taps import Taps
 from refimpl.tokenizer import Tokenizer
 
@@ -204,16 +206,11 @@ def spec_bytes() -> dict:
         bf16 = sum(int(np.prod(s)) * 2 for s in weight_shapes(c).values())
         row = {"bf16": bf16}
         for scheme in ("W8A8", "W8A8_DYNAMIC"):
-            specs = quant_tensor_specs(c, scheme, _bf16())
+            specs = quant_tensor_specs(c, scheme, np.dtype(bfloat16))
             row[scheme] = sum(int(np.prod(s)) * np.dtype(dt).itemsize
                               for s, dt in specs.values())
         out[name] = row
     return out
-
-
-def _bf16():
-    import ml_dtypes
-    return np.dtype(ml_dtypes.bfloat16)
 
 
 def memory(models: dict) -> dict:
@@ -274,7 +271,7 @@ def linear_speed(rounds: int) -> list:
     from refimpl import ops
     from refimpl.quant.quantize import weight_quant
     rng = np.random.default_rng(0)
-    bf16 = _bf16()
+    bf16 = np.dtype(bfloat16)
     shapes = [("embedded-1b q_proj", 1536, 1536), ("embedded-1b gate_proj", 6144, 1536),
               ("embedded-1b down_proj", 1536, 6144), ("embedded-7b gate_proj", 12800, 4096),
               ("embedded-7b down_proj", 4096, 12800), ("pro-moe-72b shared gate_up", 10752, 5120)]
@@ -308,22 +305,16 @@ def linear_speed(rounds: int) -> list:
 
 # ---------------------------------------------------------------------- report
 def machine() -> dict:
-    flags = ""
+    import numba
+    name = platform.processor()
     try:
         with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = line
-                    break
+            name = next((ln.split(":", 1)[1].strip() for ln in fh
+                         if ln.startswith("model name")), name)
     except OSError:
-        name = platform.processor()
-    isa = [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-                       "amx_int8") if f" {f}" in flags]
-    import numba
-    return {"cpu": name, "isa": isa, "cores": os.cpu_count(), "numpy": np.__version__,
-            "numba": numba.__version__, "load": os.getloadavg()[0]}
+        pass
+    return {"cpu": name, "isa": isa_flags(), "cores": os.cpu_count(),
+            "numpy": np.__version__, "numba": numba.__version__, "load": os.getloadavg()[0]}
 
 
 def report(r: dict) -> None:
@@ -343,11 +334,14 @@ def report(r: dict) -> None:
                       f"{a['logits_rel_err_vs_fp32']:.2e} | {layers} |")
             b = acc["bf16"]
             for s in SCHEMES:
-                print(f"\n{s}: perplexity {100 * (acc[s]['perplexity'] / b['perplexity'] - 1):+.2f}%"
-                      f" vs bf16, top-1 accuracy {100 * (acc[s]['top1_accuracy'] - b['top1_accuracy']):+.2f} points", end="")
+                ppl = 100 * (acc[s]["perplexity"] / b["perplexity"] - 1)
+                top1 = 100 * (acc[s]["top1_accuracy"] - b["top1_accuracy"])
+                print(f"\n{s}: perplexity {ppl:+.2f}% vs bf16, top-1 accuracy {top1:+.2f} "
+                      "points", end="")
             print("\n")
     if "memory" in r:
-        print("### memory\n\n| model | variant | checkpoint MB | added RSS MB (file + anon) | vs bf16 |")
+        print("### memory\n\n| model | variant | checkpoint MB | added RSS MB (file + anon) "
+              "| vs bf16 |")
         print("| --- | --- | --- | --- | --- |")
         for name, row in r["memory"].items():
             if name == "presets_full":

@@ -1425,9 +1425,11 @@ def _model_cases(model, token_ids, layers, model_name, source, command, seed,
     tokens_param = {"token_ids": [int(t) for t in ids], "tokens": T,
                     "positions": f"0..{T - 1} (no cache)"}
     shapes = weight_shapes(c)
-    quant_ops = ["quantize", "quant_matmul"] + (
-        ["dequant_swiglu_quant"] if any(s == "W8A8_DYNAMIC" for s in model.quant.values())
-        and c.is_moge else []) if model.quant else []
+    quant_ops = []                       # the cast points of a W8A8 checkpoint's operators
+    if model.quant:
+        quant_ops = ["quantize", "quant_matmul"]
+        if c.is_moge and "W8A8_DYNAMIC" in model.quant.values():
+            quant_ops.append("dequant_swiglu_quant")
     for i in layers:
         moe = c.layer_is_moe(i)
         L = f"layers.{i}."

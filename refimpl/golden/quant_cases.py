@@ -207,17 +207,17 @@ def _dynamic_quant_matmul_cases(ctx) -> list:
 
 
 def _expert_w13(ctx, e: int):
-    """(w13 int8 [2I, H], w13_scale float32 [2I], w2 int8 [H, I], w2_scale float32 [H]) of
-    layer 0's expert e, quantised per channel (experts' scales are float32)."""
+    """(w13 int8 [2I, H], w13_scale float32 [2I]) of layer 0's expert e: gate rows then up
+    rows, quantised per channel (experts' scales are float32)."""
     p = f"model.layers.0.mlp.experts.{e}."
     g, gs = weight_quant(ctx.weight(p + "gate_proj.weight"), np.float32)
     u, us = weight_quant(ctx.weight(p + "up_proj.weight"), np.float32)
-    d, ds = weight_quant(ctx.weight(p + "down_proj.weight"), np.float32)
-    return np.concatenate([g, u]), np.concatenate([gs, us]).reshape(-1), d, ds.reshape(-1)
+    return np.concatenate([g, u]), np.concatenate([gs, us]).reshape(-1)
 
 
-def _stage_rows(ctx):
-    """The dispatch of the expert cases: ids, dispatch dict, tokens x [T, H]."""
+def _expert_stage(ctx):
+    """What both expert cases start from: the dispatch dict, tokens x [T, H], the token of
+    each dispatched row, and every expert's (w13 [2I, H] list, w13_scale [E, 2I])."""
     from .cases import stage_expert_ids
 
     c = ctx.config
@@ -225,16 +225,15 @@ def _stage_rows(ctx):
     x = ctx.normal("moe_stages.x", (ctx.tokens, c.hidden_size))
     d = ops.moe_dispatch(ids, c.num_experts, "v1")
     token = slot_token_choice(d["sorted_row_idx"], ctx.tokens, ids.shape[1])[0]
-    return ids, d, x, token
+    experts = [_expert_w13(ctx, e) for e in range(c.num_experts)]
+    return d, x, token, [w for w, _ in experts], np.stack([s for _, s in experts])
 
 
 def _quant_grouped_matmul_cases(ctx) -> list:
     c, dt = ctx.config, ctx.dtype
     E, H, I = c.num_experts, c.hidden_size, c.moe_intermediate_size
-    ids, d, x, token = _stage_rows(ctx)
-    experts = [_expert_w13(ctx, e) for e in range(E)]
-    w13 = np.stack([e[0] for e in experts])                                  # [E, 2I, H]
-    w13_scale = np.stack([e[1] for e in experts])                            # [E, 2I]
+    d, x, token, w13, w13_scale = _expert_stage(ctx)                   # w13_scale [E, 2I]
+    w13 = np.stack(w13)                                                      # [E, 2I, H]
     x_scale = activation_quant(float(x.astype(np.float32).min()),
                                float(x.astype(np.float32).max()), np.float32, True)[0]
     x_q = ops.quantize(x, x_scale, None, div_mode=True)[token]              # [R, H]
@@ -303,10 +302,7 @@ def _away_from_rounding_boundaries(acc, weight_scale, act_scale, group_list):
 def _dequant_swiglu_quant_cases(ctx) -> list:
     c = ctx.config
     E, I = c.num_experts, c.moe_intermediate_size
-    ids, d, x, token = _stage_rows(ctx)
-    experts = [_expert_w13(ctx, e) for e in range(E)]
-    w13 = [e[0] for e in experts]
-    w13_scale = np.stack([e[1] for e in experts])                            # [E, 2I]
+    d, x, token, w13, w13_scale = _expert_stage(ctx)                   # w13_scale [E, 2I]
     x_q, t_scale = ops.dynamic_quantize(x)
     acc = ops.quant_grouped_matmul(x_q[token], w13, d["expert_cumsum"])      # [R, 2I]
     act_scale = t_scale[token].astype(np.float32)                             # [R]

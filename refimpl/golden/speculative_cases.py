@@ -25,6 +25,7 @@ import numpy as np
 from .. import ops
 from ..numerics import accum_dtype
 from ..random_init import tensor_rng
+from .format import Case
 
 #: draft tokens of the four sequences of a case
 DRAFT_COUNTS = (0, 1, 3, 5)
@@ -89,7 +90,7 @@ _PLAN = ((), ("accept",), ("accept", "reject", "accept"),
          ("accept", "accept", "accept", "boundary", "reject"))
 
 
-def _sampled_or_ngram(ctx, variant: str) -> "Case":  # noqa: F821
+def _sampled_or_ngram(ctx, variant: str) -> Case:
     V = ctx.config.vocab_size
     counts = np.array(DRAFT_COUNTS, np.int64)
     N, B = int(counts.sum()), counts.size
@@ -156,7 +157,7 @@ def _sampled_or_ngram(ctx, variant: str) -> "Case":  # noqa: F821
     return case
 
 
-def _greedy(ctx) -> "Case":  # noqa: F821
+def _greedy(ctx) -> Case:
     V = ctx.config.vocab_size
     counts = np.array(DRAFT_COUNTS, np.int64)
     N, B = int(counts.sum()), counts.size
