@@ -20,12 +20,21 @@ with a fused multiply-add (`llvm.fma`, one IEEE rounding per step, not a fast-ma
 (when both operands are bfloat16, steps of 32: lane l accumulates k = 2l then 2l+1, then
 32+2l, 32+2l+1, ..., since a 32-bit word widens to two floats with one shift or mask);
 the lanes are added in a fixed pairwise tree (0..7 + 8..15, then halves again); the last
-n mod 16 products are added in order with fma. So a dot product is bit-identical whether it
-is computed in a 4x4 tile (prefill) or alone (decode).
+n mod 16 (in pairs n mod 32) products are added in order with fma. So a dot product is
+bit-identical whether it is computed in a tile or alone.
 
 `axpy_rows(y, y_off, p, p_off, x, x_off, x_ld, nrows, n)`: y[y_off + i] += p[p_off + r] *
 widen(x[x_off + r*x_ld + i]) for r = 0, 1, ... in order, one fma per step, elementwise in i
 (vector lanes run along i, y stays in registers across the rows).
+
+`make_lane_gemm(MR)` computes the same dot products for prefill GEMMs (`kernels.linear`),
+organised differently: lane l of a dot product is a chain of fmas over its own k, untouched
+by the other lanes until the tree, so the lanes of MR x 16 dot products are 16 small GEMMs
+(one per lane, each in the lane's k order). Each runs as an outer product (a token value
+broadcast against 16 weight rows: `pack_tokens` / `pack_lanes` lay the operands out per
+lane), and the tree is applied to whole tiles in its own pairing as the lanes finish
+(`lane_order`). The bits are those of `dot_1x1`, on every ISA: a vector register's width
+changes how many rows one instruction carries, not any sum.
 
 Callers guarantee C-contiguous arrays and in-range offsets: there is no bounds check.
 """
@@ -202,20 +211,8 @@ def _make_dot(MR: int, NR: int):
     return dot_tile
 
 
-_DOTS: dict = {}
-
-
-def make_dot(MR: int, NR: int):
-    """The dot_MRxNR intrinsic (made once per shape)."""
-    if (MR, NR) not in _DOTS:
-        _DOTS[MR, NR] = _make_dot(MR, NR)
-    return _DOTS[MR, NR]
-
-
 dot_1x1 = _make_dot(1, 1)
 dot_1x4 = _make_dot(1, 4)
-dot_4x1 = _make_dot(4, 1)
-dot_4x4 = _make_dot(4, 4)
 
 
 
@@ -286,6 +283,279 @@ def axpy_rows(typingctx, y, y_off, p, p_off, x, x_off, x_ld, nrows, n):
                 xs = _load(builder, xp, builder.add(builder.add(x_off_, builder.mul(r, x_ld_)), i),
                            1, kx, acc_ll)
                 builder.store(builder.call(sfma, [pr, xs, builder.load(ypt)]), ypt)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------- lane GEMMs
+def vector_bits() -> int:
+    """Bits of the widest vector register Numba compiles for: 512 with AVX-512F, 256 with
+    AVX/AVX2, else 128 (NUMBA_CPU_FEATURES when set, else the host's features)."""
+    from numba.core import config
+
+    features = config.CPU_FEATURES
+    if features is None:
+        import llvmlite.binding as ll
+
+        features = ll.get_host_cpu_features().flatten()
+    flags = set(features.split(","))
+    if "+avx512f" in flags:
+        return 512
+    return 256 if flags & {"+avx2", "+avx"} else 128
+
+
+#: width of the vector registers the lane GEMM uses
+VECTOR_BITS = vector_bits()
+
+#: weight rows of a lane-GEMM tile (the vector dimension: one zmm or two ymm of float32)
+LANE_NR = 16
+
+
+def make_lane_gemm(MR: int):
+    """The intrinsic lane_gemm(a, a_off, b, b_off, depth, c, c_off): one lane of the MR x 16
+    dot products of a tile, as an outer-product GEMM over that lane's `depth` steps.
+
+    Lane l of a dot product (`dot_1x1`) is a chain of fmas over its own k in increasing
+    order, independent of the other lanes until the tree; so the lanes of MR x 16 dot
+    products are 16 (8 in float64) small GEMMs, each with the chain order. Here one of them:
+
+        c[c_off + i*16 + j] = fma(a[s, i], b[s, j], ... fma(a[0, i], b[0, j], 0))
+        a[s, i] = a[a_off + s*MR + i]   (step s of token i of the tile, packed)
+        b[s, j] = b[b_off + (s // Q)*b_cs + (s % Q)*16 + j]   (weight row j, packed)
+
+    for s < nchunks * Q, Q = per_chunk (1, or 2 in bfloat16 pairs): the weight panel is laid
+    out chunk after chunk (`pack_lanes`), b_cs apart.
+
+    a token value broadcast against a vector of 16 weight rows: MR*16/V accumulators, 16/V
+    weight vectors and one broadcast in registers (AVX2 6 x 16: 12 + 2 + 1 of 16 ymm;
+    AVX-512 12 x 16: 12 + 1 + 1 of 32 zmm), one token value loaded per 16/V fmas.
+
+    Then the lane tree, folded in: with the lanes run in the tree's post-order (`lane_order`),
+    the sibling subtrees this lane completes are the last `nmerge` tiles stored before it,
+    at c_off + m*m_stride (m = nmerge-1 .. 0, nearest first); each is added as
+    stored + this (the lower lanes' subtree first, as `_tree_sum`'s lo + hi), and the
+    result is stored at c_off. a, b, c: float32 or float64 arrays of one dtype.
+    """
+    @intrinsic
+    def lane_gemm(typingctx, a, a_off, b, b_off, nchunks, per_chunk, b_cs, c, c_off, nmerge,
+                  m_stride):
+        if not (a.dtype == b.dtype == c.dtype and a.dtype in (types.float32, types.float64)):
+            raise TypingError("refimpl.kernels.lane_gemm: a, b, c of one float dtype")
+        acc_ll = F64 if a.dtype == types.float64 else F32
+        V = min(LANE_NR, VECTOR_BITS // (64 if acc_ll == F64 else 32))
+        NV = LANE_NR // V
+        sig = types.void(a, types.intp, b, types.intp, types.intp, types.intp, types.intp, c,
+                         types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            a_, a_off_, b_, b_off_, nch_, q_, bcs_, c_, c_off_, nm_, ms_ = args
+            ap = context.make_array(signature.args[0])(context, builder, a_).data
+            bp = context.make_array(signature.args[2])(context, builder, b_).data
+            cp = context.make_array(signature.args[7])(context, builder, c_).data
+            vt = ir.VectorType(acc_ll, V)
+            vfma = _fma_fn(builder.module, vt)
+            align = _abi(acc_ll)
+
+            def vptr(base, off):
+                return builder.bitcast(builder.gep(base, [off], inbounds=True), vt.as_pointer())
+
+            accs = [cgutils.alloca_once_value(builder, _splat(acc_ll, 0.0, V))
+                    for _ in range(MR * NV)]
+            with cgutils.for_range(builder, nch_) as chunk, \
+                    cgutils.for_range(builder, q_) as step:
+                bo = builder.add(builder.add(b_off_, builder.mul(chunk.index, bcs_)),
+                                 builder.mul(step.index, ir.Constant(I64, LANE_NR)))
+                bv = [builder.load(vptr(bp, builder.add(bo, ir.Constant(I64, v * V))),
+                                   align=align) for v in range(NV)]
+                s = builder.add(builder.mul(chunk.index, q_), step.index)
+                ao = builder.add(a_off_, builder.mul(s, ir.Constant(I64, MR)))
+                for i in range(MR):
+                    s = builder.load(builder.gep(ap, [builder.add(ao, ir.Constant(I64, i))],
+                                                 inbounds=True))
+                    one = builder.insert_element(ir.Constant(vt, ir.Undefined), s,
+                                                 ir.Constant(I32, 0))
+                    sv = builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, V),
+                                                                      [0] * V))
+                    for v in range(NV):
+                        slot = accs[i * NV + v]
+                        builder.store(builder.call(vfma, [sv, bv[v], builder.load(slot)]), slot)
+            # the tree: stored sibling subtree (lower lanes) + this one, nmerge times
+            with cgutils.for_range(builder, nm_) as loop:
+                m = builder.sub(builder.sub(nm_, ir.Constant(I64, 1)), loop.index)
+                base = builder.add(c_off_, builder.mul(m, ms_))
+                for i in range(MR):
+                    for v in range(NV):
+                        off = builder.add(base, ir.Constant(I64, i * LANE_NR + v * V))
+                        slot = accs[i * NV + v]
+                        builder.store(builder.fadd(builder.load(vptr(cp, off), align=align),
+                                                   builder.load(slot)), slot)
+            for i in range(MR):
+                for v in range(NV):
+                    off = builder.add(c_off_, ir.Constant(I64, i * LANE_NR + v * V))
+                    builder.store(builder.load(accs[i * NV + v]), vptr(cp, off), align=align)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    lane_gemm.__name__ = f"lane_gemm_{MR}x{LANE_NR}"
+    return lane_gemm
+
+
+def lane_order(lanes: int) -> list:
+    """(lane, merges, stack position) for the lanes of a tree over `lanes` lanes in post-order:
+    position i runs lane bitreverse(i); it completes trailing_ones(i) sibling subtrees, which
+    sit at the top of a stack of popcount(i) stored tiles, and stores at popcount(i) - that."""
+    bits = lanes.bit_length() - 1
+    out = []
+    for i in range(lanes):
+        lane = int(format(i, f"0{bits}b")[::-1], 2) if bits else 0
+        merges = len(format(i, "b")) - len(format(i, "b").rstrip("1")) if i else 0
+        out.append((lane, merges, bin(i).count("1") - merges))
+    return out
+
+
+def _shuffle(builder, x, y, mask):
+    return builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, len(mask)), mask))
+
+
+def _transpose(builder, rows):
+    """The n x n transpose of n vectors of n elements: for n = 8 the network of AVX's
+    in-lane unpack, shufps and vperm2f128 (24 shuffles), for other powers of two n rounds of
+    the perfect shuffle, r'[2i] = interleave_lo(r[i], r[i + n/2]), r'[2i+1] = interleave_hi
+    (AVX-512: one two-source permute each)."""
+    n = len(rows)
+    if n == 8:
+        t = []
+        for i in range(0, 8, 2):                      # unpcklps / unpckhps
+            t += [_shuffle(builder, rows[i], rows[i + 1], [0, 8, 1, 9, 4, 12, 5, 13]),
+                  _shuffle(builder, rows[i], rows[i + 1], [2, 10, 3, 11, 6, 14, 7, 15])]
+        u = []
+        for i in (0, 4):                              # shufps
+            for x, y in ((t[i], t[i + 2]), (t[i + 1], t[i + 3])):
+                u += [_shuffle(builder, x, y, [0, 1, 8, 9, 4, 5, 12, 13]),
+                      _shuffle(builder, x, y, [2, 3, 10, 11, 6, 7, 14, 15])]
+        lo, hi = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]   # vperm2f128
+        return ([_shuffle(builder, u[c], u[c + 4], lo) for c in range(4)]
+                + [_shuffle(builder, u[c], u[c + 4], hi) for c in range(4)])
+    half = n // 2
+    lo = [x for i in range(half) for x in (i, n + i)]
+    hi = [x for i in range(half, n) for x in (i, n + i)]
+    for _ in range(n.bit_length() - 1):
+        rows = [_shuffle(builder, rows[i], rows[i + half], m)
+                for i in range(half) for m in (lo, hi)]
+    return rows
+
+
+def _transpose_blocks(builder, rows, width):
+    """The transpose of len(rows) vectors of as many elements, in width x width blocks
+    (width: the register's lanes): returns out[c][rg], the register-wide piece of column c
+    holding rows rg*width .. rg*width + width - 1."""
+    n = len(rows)
+    if width >= n:
+        return [[col] for col in _transpose(builder, rows)]
+    pieces = [[_shuffle(builder, r, r, list(range(g * width, (g + 1) * width)))
+               for g in range(n // width)] for r in rows]     # pieces[row][lane group]
+    out = [[None] * (n // width) for _ in range(n)]
+    for rg in range(n // width):
+        for lg in range(n // width):
+            cols = _transpose(builder, [pieces[rg * width + j][lg] for j in range(width)])
+            for c in range(width):
+                out[lg * width + c][rg] = cols[c]
+    return out
+
+
+@intrinsic
+def pack_lanes(typingctx, w, w_off, w_ld, pairs, dst, d_off, d_ld):
+    """One chunk of 16 weight rows packed for `lane_gemm`: row j at w_off + j*w_ld, the
+    chunk's S elements (16 float32 lanes, or 32 in bfloat16 pairs; 8 float64 lanes) widened
+    and transposed, lane l's values of the 16 rows stored at dst[d_off + l*d_ld + 0..15]
+    (pairs: the even elements 2l, then the odd ones 2l+1 at + 16).
+    # w [N, K] storage dtype -> dst lane panels (accumulation dtype)"""
+    kw = _kind(w)
+    acc_ty, acc_ll, L = _acc_of(kw)
+    if dst.dtype != acc_ty:
+        raise TypingError("refimpl.kernels.pack_lanes: dst must be the accumulation dtype")
+    sig = types.void(w, types.intp, types.intp, types.intp, dst, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        w_, w_off_, w_ld_, pairs_, d_, d_off_, d_ld_ = args
+        wp = context.make_array(signature.args[0])(context, builder, w_).data
+        dp = context.make_array(signature.args[4])(context, builder, d_).data
+        R = LANE_NR
+        width = min(R, VECTOR_BITS // (64 if acc_ll == F64 else 32))
+        vt = ir.VectorType(acc_ll, width)
+
+        def row(j, extra):
+            return builder.add(builder.add(w_off_, builder.mul(w_ld_, ir.Constant(I64, j))),
+                               ir.Constant(I64, extra))
+
+        def store(rows, parity):
+            # column l of the transpose: lane l of every row; only the first L are lanes
+            cols = _transpose_blocks(builder, rows, width)
+            for l in range(L):
+                for rg, piece in enumerate(cols[l]):
+                    off = builder.add(builder.add(d_off_, builder.mul(d_ld_, ir.Constant(I64, l))),
+                                      ir.Constant(I64, parity * R + rg * width))
+                    builder.store(piece, builder.bitcast(builder.gep(dp, [off], inbounds=True),
+                                                         vt.as_pointer()), align=_abi(acc_ll))
+
+        def pad(v, n):  # <n x T> -> <R x T> (n <= R), zeros past n
+            if n == R:
+                return v
+            return builder.shuffle_vector(v, ir.Constant(v.type, None), ir.Constant(
+                ir.VectorType(I32, R), list(range(n)) + [n] * (R - n)))
+
+        def natural():
+            store([pad(_load(builder, wp, row(j, 0), L, kw, acc_ll), L) for j in range(R)], 0)
+
+        if kw == "bf16":
+            is_pairs = builder.icmp_signed("!=", pairs_, ir.Constant(I64, 0))
+            with builder.if_else(is_pairs) as (then, other):
+                with then:   # transpose the 32-bit words (element 2l | 2l+1), then widen
+                    wt = ir.VectorType(I32, L)
+                    words = [builder.load(builder.bitcast(builder.gep(wp, [row(j, 0)],
+                                                                      inbounds=True),
+                                                          wt.as_pointer()), align=2)
+                             for j in range(R)]
+                    cols = _transpose_blocks(builder, words, width)
+                    for l in range(L):
+                        for rg, piece in enumerate(cols[l]):
+                            even = builder.bitcast(builder.shl(piece, _splat(I32, 16, width)),
+                                                   vt)
+                            odd = builder.bitcast(builder.and_(piece, _splat(I32, 0xFFFF0000,
+                                                                             width)), vt)
+                            for parity, v in ((0, even), (1, odd)):
+                                off = builder.add(builder.add(d_off_, builder.mul(
+                                    d_ld_, ir.Constant(I64, l))), ir.Constant(
+                                    I64, parity * R + rg * width))
+                                builder.store(v, builder.bitcast(builder.gep(
+                                    dp, [off], inbounds=True), vt.as_pointer()), align=4)
+                with other:
+                    natural()
+        else:
+            natural()
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch(typingctx, a, off):
+    """Ask for the cache line holding a[off] into L2 (llvm.prefetch, read, locality 2); a
+    hint only, never a fault."""
+    sig = types.void(a, types.intp)
+
+    def codegen(context, builder, signature, args):
+        a_, off_ = args
+        p = builder.gep(context.make_array(signature.args[0])(context, builder, a_).data,
+                        [off_], inbounds=True)
+        i8p = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, I32, I32, I32]),
+            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(p, i8p), ir.Constant(I32, 0), ir.Constant(I32, 2),
+                          ir.Constant(I32, 1)])
         return context.get_dummy_value()
 
     return sig, codegen

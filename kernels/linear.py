@@ -1,29 +1,40 @@
 """Linear layers: y = x @ W^T + b with W kept in its storage dtype, float32 accumulation.
 
-Threads share output features (weight rows) only (`prange`), each thread computing every
-token of its rows, so no output depends on the thread count.
+Every output is the dot product of `_vec.dot_1x1`: 16 float32 lanes (8 in float64), lane l
+accumulating its own k (l, l+16, ...; in bfloat16 pairs 2l then 2l+1 of every 32) by fma in
+increasing order, the lanes added by a fixed pairwise tree, the last K mod 16 (32) products
+added in order. Whatever path, tile, block, ISA or thread count computes an output, it is
+that dot product, so linear(x)[t] equals linear(x[t:t+1]) bit for bit and an AVX2 host
+gives the bits of an AVX-512 one. Threads share output features (weight rows) only.
 
-* Decode (fewer than 4 tokens): a row-parallel matvec. Each thread walks its weight rows in
-  order, one row at a time (`_vec.dot_1x1`), so the weights stream once from memory in a
-  single sequential stream per thread, which the hardware prefetcher serves best (measured
-  here: 33 GB/s with two threads, against 26 GB/s when four or six rows are interleaved).
-* Prefill: tokens in blocks whose rows stay in the core's L2 (TOKEN_BLOCK_BYTES), and in a
-  block, tiles of MR tokens x NR weight rows (`_vec.make_dot(MR, NR)`), each block of NR
-  weight rows reused across all tokens of the block. The tile follows the ISA Numba
-  compiles for (`tile_shape`): 4 x 4 with AVX-512 (eight row loads feed 16 dot products;
-  fastest for bf16, whose pair widening needs two registers per row), 2 x 2 with AVX2, whose
-  16 registers a 4 x 4 tile of 16-lane accumulators overflows (measured with Numba told to
-  compile for AVX2 on an AVX-512 host: 4 x 4 58-87 GFLOP/s, 2 x 2 77-130; BENCHMARKS.md).
+* Decode (fewer than MR tokens, or fewer than 16 weight rows): a row-parallel matvec. Each
+  thread walks its weight rows in order, one row at a time (`_vec.dot_1x1`), so the weights
+  stream once from memory in a single sequential stream per thread, which the hardware
+  prefetcher serves best (measured: 33 GB/s with two threads, against 26 GB/s when four or
+  six rows are interleaved).
+* Prefill (`_gemm_tiles`): the lanes of a dot product never meet until the tree, so the
+  lanes of MR x 16 dot products are 16 independent GEMMs, each summing its k in the lane's
+  order; each is run as the outer-product micro-kernel of GotoBLAS (`_vec.lane_gemm`: one
+  token value broadcast against 16 weight rows, MR x 16 accumulators in registers), which
+  streams far fewer bytes per fma than dot products of whole rows. Per call:
+  1. the tokens are packed once (`pack_tokens`): widened, lane after lane, MR tokens
+     together per step, zero rows up to a multiple of MR;
+  2. each thread owns a range of 16-row weight tiles; a tile is packed once
+     (`_pack_weights`: widened and transposed by `_vec.pack_lanes`, chunk after chunk, its
+     rows asked from memory PACK_AHEAD chunks ahead), then for every block of MB_TILES
+     token tiles the 16 lanes run in the tree's post-order (`_vec.lane_order`), one lane's
+     weights (K/16 steps x 16 rows) staying in L1 while the token tiles pass;
+  3. each lane's result is added at once to the sibling subtrees it completes (a stack of
+     at most STACK tiles per token tile, `lane_gemm`'s merge), so when the last lane is done
+     the stack holds the sums, and the epilogue (the last K mod 16/32 products in order, the
+     bias or gate-up's SwiGLU, the one rounding) writes them out.
+  The tile follows the ISA (`tile_shape`): 8 tokens with AVX-512 (8 zmm accumulators),
+  6 with AVX2 (12 ymm: 16 weight rows are two ymm).
 
-* No BLAS, also for float32 weights: alone, OpenBLAS sgemm is ~10-20% faster than this
-  kernel in float32 (bf16's cheap pair widening is what makes the bf16 kernel its equal),
-  but inside the numba backend it loses that lead, because Numba's OpenMP workers spin
-  after each parallel region while OpenBLAS's threads want the same two cores. Measured
-  (Embedded-1B width, 8 layers, fp32, three runs each): prefill of 128 tokens 0.55-0.71 s
-  with this kernel vs 0.66-0.87 s with BLAS products; 512 tokens 2.15-2.32 s vs 2.44-2.63 s.
+* No BLAS, also for float32 weights: inside the numba backend BLAS's threads and Numba's
+  OpenMP workers want the same cores (measured at Embedded-1B width, 8 layers, fp32:
+  prefill of 128 tokens 0.55-0.71 s with Numba kernels vs 0.66-0.87 s with BLAS products).
 
-Every output is the same dot product whatever the path or tile (see `_vec`), so
-linear(x)[t] equals linear(x[t:t+1]) bit for bit.
 Cast points as the spec: the bias is added in float32 before the single rounding. Float64
 inputs accumulate in float64.
 
@@ -33,43 +44,47 @@ computed together and only h = round(round(silu(round(g))) * round(u)) is stored
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from numba import prange
 
 from refimpl import ops as spec
-from refimpl.numerics import STORAGE_DTYPES
+from refimpl.numerics import STORAGE_DTYPES, bfloat16
 
-from ._dtypes import acc_np, check_dtype, empty, parallel, raw, rnd, silu, st
-from ._vec import dot_1x1, make_dot
+from ._dtypes import acc_np, check_dtype, empty, fma, ld, parallel, raw, rnd, silu, st
+from ._vec import (LANE_NR, VECTOR_BITS, dot_1x1, lane_order, make_lane_gemm, pack_lanes,
+                   prefetch)
 
-#: bytes of token rows kept per cache-resident block (half of a 1 MiB L2)
-TOKEN_BLOCK_BYTES = 512 * 1024
+#: tokens per prefill tile by vector width: MR x 16 float32 accumulators + 16 weights + one
+#: broadcast token value within the registers (AVX-512 8 x 16: 10 of 32 zmm; AVX2 6 x 16:
+#: 15 of 16 ymm); measured 99% of the FMA peak in L1, one thread (BENCHMARKS.md, issue 16)
+TILE_ROWS = {512: 8, 256: 6, 128: 6}
+
+
 def tile_shape() -> tuple:
-    """(MR, NR) of the prefill tile for the ISA Numba compiles for (NUMBA_CPU_FEATURES, else
-    the host's): 4 x 4 with AVX-512's 32 vector registers; 2 x 2 without, since a tile's
-    MR * NR accumulators of 16 float32 lanes take two 256-bit registers each and AVX2 has 16
-    (4 x 4 spills: measured 52-58 GFLOP/s against 2 x 2's, BENCHMARKS.md). REFIMPL_TILE=MxN
-    overrides (for measuring). Every dot product is the same whatever the tile (`_vec`)."""
-    import os
-
-    forced = os.environ.get("REFIMPL_TILE")
-    if forced:
-        mr, nr = (int(v) for v in forced.lower().split("x"))
-        return mr, nr
-    from numba.core import config
-
-    features = config.CPU_FEATURES
-    if features is None:
-        import llvmlite.binding as ll
-
-        features = ll.get_host_cpu_features().flatten()
-    return (4, 4) if "+avx512f" in features.split(",") else (2, 2)
+    """(MR, NR) of the prefill tile: MR tokens (by the vector width Numba compiles for,
+    `_vec.VECTOR_BITS`: NUMBA_CPU_FEATURES when set, else the host's) x 16 weight rows.
+    REFIMPL_TILE_ROWS=MR overrides (for measuring; its own Numba cache directory). Every dot
+    product is the same whatever the tile."""
+    forced = os.environ.get("REFIMPL_TILE_ROWS")
+    return (int(forced) if forced else TILE_ROWS[VECTOR_BITS]), LANE_NR
 
 
 #: tile shape of the prefill kernel: MR tokens x NR weight rows
 MR, NR = tile_shape()
-dot_tile = make_dot(MR, NR)
+lane_gemm = make_lane_gemm(MR)
+
+#: token tiles per block: a block's stacks of lane subtrees (MB_TILES x STACK x MR x 16
+#: float32, 24 KiB at 12 x 4 x 8) stay in L1/L2 while the 16 lanes pass; the block's packed
+#: tokens (MB_TILES*MR x K float32) are read once per lane from L2
+MB_TILES = 12
+#: (lane, merges, stack position) in the tree's post-order, for 16 and for 8 lanes; at most
+#: STACK subtrees are stored at once
+LANE_ORDER_16 = np.array(lane_order(16), np.int64)
+LANE_ORDER_8 = np.array(lane_order(8), np.int64)
+STACK = 4
 
 #: decode: gate rows then up rows stream in runs of this many rows
 ROW_RUN = 256
@@ -77,53 +92,19 @@ ROW_RUN = 256
 MODE_LINEAR, MODE_GATE_UP = 0, 1
 
 
+# ---------------------------------------------------------------------------- decode
 @numba.njit(cache=True)
-def _flush(out, t0, n0, nt, nn, r1, r2, b, mode):
-    """Store the nt x nn tile at (t0, n0); r1/r2 hold its products, row-major with NR
-    columns."""
-    for i in range(nt):
-        for j in range(nn):
-            s = r1[NR * i + j]
-            if mode == MODE_LINEAR:
-                if b.size:
-                    s = s + b[n0 + j]
-                st(out, (t0 + i, n0 + j), s)
-            else:
-                g = rnd(s, out)
-                u = rnd(r2[NR * i + j], out)
-                a = rnd(silu(g), out)
-                st(out, (t0 + i, n0 + j), a * u)
-
-
-@numba.njit(cache=True)
-def _tile(x, w, t, n, K, nt, nn, r):
-    """r[NR*i + j] = dot(x[t + i], w[n + j]) for the nt x nn tile: a full MR x NR tile in one
-    pass, edge tiles (nt or nn of 1) dot by dot (the same dot products, fewer variants to
-    compile)."""
-    if nt == MR and nn == NR:
-        v = dot_tile(x, t * K, K, w, n * K, K, K)
-        for i in range(MR * NR):
-            r[i] = v[i]
+def _flush_one(out, t, n, s, u, b, mode):
+    """out[t, n] = epilogue(s, u): s + bias rounded (linear), or the SwiGLU of gate s and
+    up u (gate-up)."""
+    if mode == MODE_LINEAR:
+        if b.size:
+            s = s + b[n]
+        st(out, (t, n), s)
     else:
-        for i in range(nt):
-            for j in range(nn):
-                r[NR * i + j] = dot_1x1(x, (t + i) * K, 0, w, (n + j) * K, 0, K)[0]
-
-
-@numba.njit(cache=True)
-def _row_block(x, w, w2, b, mode, t0, t1, blk, nbf, r1, r2, out):
-    """Tokens t0..t1-1 of output block blk: NR rows, or one row past the last full block."""
-    K = x.shape[1]
-    n = NR * blk if blk < nbf else NR * nbf + (blk - nbf)
-    nn = NR if blk < nbf else 1
-    t = t0
-    while t < t1:
-        nt = MR if t + MR <= t1 else 1
-        _tile(x, w, t, n, K, nt, nn, r1)
-        if mode == MODE_GATE_UP:
-            _tile(x, w2, t, n, K, nt, nn, r2)
-        _flush(out, t, n, nt, nn, r1, r2, b, mode)
-        t += nt
+        g = rnd(s, out)
+        a = rnd(silu(g), out)
+        st(out, (t, n), a * rnd(u, out))
 
 
 @numba.njit(cache=True)
@@ -146,52 +127,176 @@ def _rows_streamed(x, w, w2, b, mode, n0, n1, out):
         for n in range(r0, r1):
             for t in range(M):
                 i = (n - r0) * M + t
-                _flush(out, t, n, 1, 1, g[i:i + 1], u[i:i + 1], b, mode)
+                _flush_one(out, t, n, g[i], u[i], b, mode)
 
 
 @numba.njit(parallel=True, cache=True)
-def _gemm(x, w, w2, b, mode, tb, par, nthreads, out):
-    """out[t, n] = epilogue(dot(x[t], w[n]), dot(x[t], w2[n])); threads share weight rows.
-
-    # x [M, K], w/w2 [N, K], b [N] or [0] (accumulation dtype) -> out [M, N]
-    """
-    M = x.shape[0]
+def _gemm_rows(x, w, w2, b, mode, par, nthreads, out):
+    """out[t, n] for few tokens: worker k owns rows [k N / nw, (k+1) N / nw), one sequential
+    stream per weight. # x [M, K], w/w2 [N, K] -> out [M, N]"""
     N = w.shape[0]
-    if M < MR:                      # decode: stream each weight row once
-        if par:  # worker k owns rows [k N / nw, (k+1) N / nw): one sequential stream per weight
-            nw = max(1, min(nthreads, N // 16))
-            for k in prange(nw):
-                _rows_streamed(x, w, w2, b, mode, k * N // nw, (k + 1) * N // nw, out)
-        else:
-            _rows_streamed(x, w, w2, b, mode, 0, N, out)
-        return
-    nbf = N // NR
-    nblocks = nbf + (N - NR * nbf)
-    if par:  # one parallel region: worker k owns a contiguous range of row blocks
-        nw = max(1, min(nthreads, nblocks))
+    if par:
+        nw = max(1, min(nthreads, N // 16))
         for k in prange(nw):
-            _blocks(x, w, w2, b, mode, tb, k * nblocks // nw, (k + 1) * nblocks // nw, nbf, out)
+            _rows_streamed(x, w, w2, b, mode, k * N // nw, (k + 1) * N // nw, out)
     else:
-        _blocks(x, w, w2, b, mode, tb, 0, nblocks, nbf, out)
+        _rows_streamed(x, w, w2, b, mode, 0, N, out)
+
+
+# ---------------------------------------------------------------------------- prefill
+@numba.njit(cache=True)
+def lane_k(s, lane, lanes, pairs):
+    """Element k of K at step s of lane `lane` (pairs: chunks of 2*lanes, each lane taking
+    its even element 2l, then its odd one 2l+1)."""
+    if pairs:
+        return (s // 2) * 2 * lanes + 2 * lane + s % 2
+    return s * lanes + lane
 
 
 @numba.njit(cache=True)
-def _blocks(x, w, w2, b, mode, tb, b0, b1, nbf, out):
-    """Row blocks b0..b1-1 for every token, token block by token block."""
-    M = x.shape[0]
-    r1, r2 = np.zeros(MR * NR, b.dtype), np.zeros(MR * NR, b.dtype)
-    for t0 in range(0, M, tb):
-        t1 = min(M, t0 + tb)
-        for blk in range(b0, b1):
-            _row_block(x, w, w2, b, mode, t0, t1, blk, nbf, r1, r2, out)
+def pack_tokens(x, t0, t1, pairs, lanes, ap):
+    """Rows t0..t1-1 of x widened into ap for `lane_gemm`, token tile by token tile (MR rows),
+    in a tile lane after lane, in a lane step after step, the tile's MR tokens together:
+
+        ap[T*MR*K + l*D*MR + s*MR + i] = x[T*MR + i, lane_k(s, l)]    (D = Kv / lanes)
+
+    then the last K - Kv elements of each row in natural order at T*MR*K + Kv*MR + i*(K - Kv).
+    Kv: K rounded down to whole chunks (16 elements, 32 in pairs, 8 in float64)."""
+    K = x.shape[1]
+    S = lanes * (2 if pairs else 1)
+    Kv = K // S * S
+    D = Kv // lanes
+    for t in range(t0, t1):
+        tile, i = t // MR, t % MR
+        base = tile * MR * K
+        for l in range(lanes):
+            for s in range(D):
+                ap[base + (l * D + s) * MR + i] = ld(x, (t, lane_k(s, l, lanes, pairs)))
+        for k in range(Kv, K):
+            ap[base + Kv * MR + i * (K - Kv) + k - Kv] = ld(x, (t, k))
 
 
-def token_block(M: int, K: int, itemsize: int) -> int:
-    """Tokens per cache-resident block: at most TOKEN_BLOCK_BYTES of token rows, the M tokens
-    split into equal blocks (a multiple of MR, at least MR)."""
-    most = max(MR, (TOKEN_BLOCK_BYTES // max(1, K * itemsize)) // MR * MR)
-    nblocks = -(-M // most)
-    return max(MR, -(-(-(-M // nblocks)) // MR) * MR)
+#: chunks ahead that `_pack_weights` asks for its rows (one line per row and chunk in float32)
+PACK_AHEAD = 8
+
+
+def chunk_stride(lanes: int, pairs: int) -> int:
+    """Elements from one chunk of a packed weight tile to the next: every lane's 16-row
+    vectors of the chunk (two in pairs), and one vector more, so that one lane's vectors,
+    read chunk after chunk, do not fall into a few sets of the L1 cache."""
+    return lanes * (2 if pairs else 1) * NR + NR
+
+
+@numba.njit(cache=True)
+def _pack_weights(w, n0, pairs, lanes, bp):
+    """Weight rows n0..n0+15 packed chunk after chunk (`_vec.pack_lanes`), each chunk written
+    in one run: bp[c*CS + l*Q*16 + q*16 + j] = w[n0 + j, lane_k(c*Q + q, l)], CS =
+    chunk_stride(lanes, pairs), Q = 2 in pairs else 1; rows asked for PACK_AHEAD chunks
+    ahead."""
+    K = w.shape[1]
+    Q = 2 if pairs else 1
+    S = lanes * Q
+    CS = lanes * Q * NR + NR
+    ahead = PACK_AHEAD * S * w.itemsize // 64 * 64 // w.itemsize   # whole lines ahead
+    for c in range(K // S):
+        k = c * S
+        if k + ahead < K:
+            for j in range(NR):
+                prefetch(w, (n0 + j) * K + k + ahead)
+        pack_lanes(w, n0 * K + k, K, pairs, bp, c * CS, Q * NR)
+
+
+@numba.njit(cache=True)
+def _epilogue(cb, cb2, ap, w, w2, b, mode, t0, t1, n0, j0, Kv, out):
+    """out[t0:t1, n0 + j0 : n0 + NR] from the sums (output (t, n0 + j) at cb[(t - t0)*NR + j]):
+    the last K - Kv products in order, then the bias or the SwiGLU, and the one rounding."""
+    K = w.shape[1]
+    if Kv < K:
+        for t in range(t0, t1):
+            tail = (t // MR) * MR * K + Kv * MR + (t % MR) * (K - Kv) - Kv
+            for j in range(j0, NR):
+                c = (t - t0) * NR + j
+                for k in range(Kv, K):
+                    cb[c] = fma(ap[tail + k], ld(w, (n0 + j, k)), cb[c])
+                    if mode == MODE_GATE_UP:
+                        cb2[c] = fma(ap[tail + k], ld(w2, (n0 + j, k)), cb2[c])
+    if mode == MODE_LINEAR:
+        for t in range(t0, t1):
+            row = (t - t0) * NR - n0
+            if b.size:
+                for n in range(n0 + j0, n0 + NR):
+                    st(out, (t, n), cb[row + n] + b[n])
+            else:
+                for n in range(n0 + j0, n0 + NR):
+                    st(out, (t, n), cb[row + n])
+    else:
+        for t in range(t0, t1):
+            row = (t - t0) * NR - n0
+            for n in range(n0 + j0, n0 + NR):
+                g = rnd(cb[row + n], out)
+                st(out, (t, n), rnd(silu(g), out) * rnd(cb2[row + n], out))
+
+
+@numba.njit(cache=True)
+def _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles, j0, j1, out):
+    """Weight tiles j0..j1-1 (tile j: rows min(16 j, N - 16) .. + 16; the last one may
+    overlap its neighbour and writes only its own rows) for every token."""
+    N, K = w.shape
+    Q = 2 if pairs else 1
+    Kv = K // (lanes * Q) * lanes * Q
+    D = Kv // lanes
+    CS = lanes * Q * NR + NR                            # chunk_stride(lanes, pairs)
+    nch = K // (lanes * Q)
+    bp = np.empty(nch * CS, ap.dtype)                   # the tile's weights, packed
+    bp2 = np.empty(nch * CS if mode == MODE_GATE_UP else 0, ap.dtype)
+    ntiles = Mp // MR
+    nblk = -(-ntiles // mb_tiles)                       # token blocks of equal size
+    per = -(-ntiles // nblk)
+    order = LANE_ORDER_16 if lanes == 16 else LANE_ORDER_8
+    tsz = MR * NR
+    cb = np.empty(per * STACK * tsz, ap.dtype)          # per token tile: a stack of subtrees
+    cb2 = np.empty(per * STACK * tsz if mode == MODE_GATE_UP else 0, ap.dtype)
+    for jt in range(j0, j1):
+        n0 = min(jt * NR, N - NR)
+        _pack_weights(w, n0, pairs, lanes, bp)
+        if mode == MODE_GATE_UP:
+            _pack_weights(w2, n0, pairs, lanes, bp2)
+        for T0 in range(0, ntiles, per):
+            nt = min(per, ntiles - T0)
+            for p in range(lanes):                      # the lane's panel stays in L1
+                l, merges, pos = order[p, 0], order[p, 1], order[p, 2]
+                for ii in range(nt):
+                    a0 = (T0 + ii) * MR * K + l * D * MR
+                    c0 = (ii * STACK + pos) * tsz
+                    lane_gemm(ap, a0, bp, l * Q * NR, nch, Q, CS, cb, c0, merges, tsz)
+                    if mode == MODE_GATE_UP:
+                        lane_gemm(ap, a0, bp2, l * Q * NR, nch, Q, CS, cb2, c0, merges, tsz)
+            for ii in range(nt):                        # the sums: each tile's stack bottom
+                T = T0 + ii
+                _epilogue(cb[ii * STACK * tsz:], cb2[ii * STACK * tsz:] if mode == MODE_GATE_UP
+                          else cb2, ap, w, w2, b, mode, T * MR, min(M, T * MR + MR), n0,
+                          jt * NR - n0, Kv, out)
+
+
+@numba.njit(parallel=True, cache=True)
+def _gemm_tiles(x, w, w2, b, mode, pairs, lanes, mb_tiles, par, nthreads, out):
+    """out[t, n] = epilogue(dot(x[t], w[n]), dot(x[t], w2[n])) for M >= MR tokens and
+    N >= 16 rows; threads share weight tiles. # x [M, K], w/w2 [N, K] -> out [M, N]"""
+    M, K = x.shape
+    N = w.shape[0]
+    Mp = -(-M // MR) * MR
+    ap = np.zeros(Mp * K, b.dtype)                    # packed tokens, zero rows past M
+    ntiles = -(-N // NR)
+    if par:
+        nw = max(1, min(nthreads, ntiles))
+        for k in prange(nw):
+            pack_tokens(x, k * M // nw, (k + 1) * M // nw, pairs, lanes, ap)
+        for k in prange(nw):
+            _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles,
+                          k * ntiles // nw, (k + 1) * ntiles // nw, out)
+    else:
+        pack_tokens(x, 0, M, pairs, lanes, ap)
+        _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles, 0, ntiles, out)
 
 
 def _kernel_ok(x: np.ndarray, *weights) -> bool:
@@ -209,12 +314,19 @@ def _kernel_ok(x: np.ndarray, *weights) -> bool:
 
 def _run(x2, w, w2, b, mode, out_dtype):
     M, K = x2.shape
-    out, out_raw = empty((M, w.shape[0]), out_dtype)
-    if M:
+    N = w.shape[0]
+    out, out_raw = empty((M, N), out_dtype)
+    if M and N:
         xr = raw(x2)
-        work = M * K * w.shape[0] * (2 if mode == MODE_GATE_UP else 1)
-        _gemm(xr, raw(w), raw(w2), b, mode, token_block(M, K, xr.itemsize), parallel(work),
-              numba.get_num_threads(), out_raw)
+        work = M * K * N * (2 if mode == MODE_GATE_UP else 1)
+        if M < MR or N < NR:
+            _gemm_rows(xr, raw(w), raw(w2), b, mode, parallel(work), numba.get_num_threads(),
+                       out_raw)
+        else:
+            lanes = 8 if b.dtype == np.float64 else 16
+            pairs = int(np.dtype(x2.dtype) == bfloat16 and np.dtype(w.dtype) == bfloat16)
+            _gemm_tiles(xr, raw(w), raw(w2), b, mode, pairs, lanes, MB_TILES, parallel(work),
+                        numba.get_num_threads(), out_raw)
     return out
 
 
@@ -242,6 +354,10 @@ def gate_up(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray) -> np.ndarray:
     """h = round(round(silu(round(x Wg^T))) * round(x Wu^T)), one pass over both weights.
 
     # x [T, H], w_gate/w_up [I, H] -> [T, I]
+    Gate and up of different storage dtypes (a different lane order for bfloat16 pairs) run
+    as two products and the spec's silu_and_mul.
     """
+    if np.dtype(w_gate.dtype) != np.dtype(w_up.dtype):
+        return spec.silu_and_mul(linear(x, w_gate), linear(x, w_up))
     acc = acc_np(x.dtype)
     return _run(x, w_gate, w_up, np.zeros(0, acc), MODE_GATE_UP, x.dtype)

@@ -203,60 +203,90 @@ def test_linear_matches_spec(mode, M, Kd, N):
 
 
 def test_linear_row_is_the_same_in_any_tile():
-    """An output is the same dot product whether computed in a prefill tile or alone."""
+    """An output is the same dot product whether computed in a prefill tile (a lane GEMM,
+    M >= MR tokens) or alone (the decode matvec): K with and without a tail past the last
+    whole chunk, N with an overlapping last tile, the bias and gate-up's epilogue too."""
+    import importlib
+    L = importlib.import_module("refimpl.kernels.linear")
     rng = np.random.default_rng(3)
     for dt in MODES.values():
-        x = randn(rng, (11, 77), dt)
-        w = randn(rng, (10, 77), dt, 0.1)
-        full = K.linear(x, w)
-        for t in (0, 5, 10):
-            assert np.array_equal(bits(K.linear(x[t:t + 1], w)), bits(full[t:t + 1]))
+        for M, Kd, N in ((11, 77, 10), (2 * L.MR + 3, 96, 17), (3 * L.MR, 64, 40)):
+            x = randn(rng, (M, Kd), dt)
+            w, w2 = randn(rng, (N, Kd), dt, 0.1), randn(rng, (N, Kd), dt, 0.1)
+            b = randn(rng, N, dt, 0.1)
+            full, h = K.linear(x, w, b), L.gate_up(x, w, w2)
+            for t in (0, 5, M - 1):
+                assert np.array_equal(bits(K.linear(x[t:t + 1], w, b)), bits(full[t:t + 1]))
+                assert np.array_equal(bits(L.gate_up(x[t:t + 1], w, w2)), bits(h[t:t + 1]))
 
 
-_OTHER_TILE = textwrap.dedent("""
+_OTHER_BUILD = textwrap.dedent("""
     import sys
     import ml_dtypes, numpy as np
     from refimpl import kernels as K
     import importlib
     L = importlib.import_module("refimpl.kernels.linear")   # the module, not the function
-    assert (L.MR, L.NR) == tuple(int(v) for v in sys.argv[1].split("x")), (L.MR, L.NR)
-    data = np.load(sys.argv[2])
+    V = importlib.import_module("refimpl.kernels._vec")
+    print(V.VECTOR_BITS, L.MR)
+    data = np.load(sys.argv[1])
     out = {}
     for key in [k for k in data.files if k.startswith("x_")]:
         tag = key[2:]
-        x, w = data["x_" + tag], data["w_" + tag]
+        x, w, w2 = data["x_" + tag], data["w_" + tag], data["u_" + tag]
         if tag.startswith("bf16"):
-            x, w = x.view(ml_dtypes.bfloat16), w.view(ml_dtypes.bfloat16)
-        out[tag] = np.ascontiguousarray(K.linear(x, w)).view(np.uint8)
-    np.savez(sys.argv[3], **out)
+            x, w, w2 = (a.view(ml_dtypes.bfloat16) for a in (x, w, w2))
+        elif tag.startswith("fp16"):
+            x, w, w2 = (a.view(np.float16) for a in (x, w, w2))
+        out["lin_" + tag] = np.ascontiguousarray(K.linear(x, w)).view(np.uint8)
+        out["gu_" + tag] = np.ascontiguousarray(L.gate_up(x, w, w2)).view(np.uint8)
+    np.savez(sys.argv[2], **out)
     """)
 
+#: Numba told to compile for a narrower ISA than the host's (every x86-64 host runs it):
+#: AVX2 code on an AVX-512 host (256-bit registers, 6-token tiles), SSE4.2 code on an AVX2
+#: host (128-bit registers, no FMA instruction: llvm.fma becomes libm's exact fma)
+NARROWER_ISA = {
+    512: ("haswell", "+avx2,+fma,+avx,+sse4.2,+f16c,+bmi2,-avx512f,-avx512bw,-avx512vl,"
+                     "-avx512dq,-avx512cd,-avx512vnni,-avx512bf16"),
+    256: ("nehalem", "+sse4.2,-avx,-avx2,-fma,-f16c,-avx512f"),
+}
 
-def test_linear_is_the_same_whatever_the_tile_shape(tmp_path):
-    """The prefill tile depends on the ISA (4 x 4 with AVX-512, 2 x 2 with AVX2,
-    `kernels.linear.tile_shape`); every output is the same dot product whatever the tile, so
-    a process forced to the other tile (REFIMPL_TILE) gives the same bits."""
+
+def test_linear_bits_do_not_depend_on_the_isa_or_the_tile(tmp_path):
+    """The prefill tile and the vector width follow the ISA (`kernels.linear.tile_shape`,
+    `_vec.VECTOR_BITS`); every output is the same dot product whatever they are, so a
+    process compiled for a narrower ISA, and one forced to another tile height, give the
+    bits of this one (linear and gate-up, four modes, K with tails, edge tiles)."""
     import importlib
     L = importlib.import_module("refimpl.kernels.linear")
-    other = "2x2" if (L.MR, L.NR) == (4, 4) else "4x4"
+    V = importlib.import_module("refimpl.kernels._vec")
     rng = np.random.default_rng(5)
     arrays, here = {}, {}
-    for mode in ("bf16", "fp32"):
+    for mode in ("bf16", "fp32", "fp16", "fp64"):
         dt = MODES[mode]
-        for M, Kd, N in ((37, 77, 19), (64, 256, 96)):
+        for M, Kd, N in ((37, 77, 19), (64, 256, 96), (13, 2048 + 48, 33)):
             tag = f"{mode}_{M}"
             x, w = randn(rng, (M, Kd), dt), randn(rng, (N, Kd), dt, Kd ** -0.5)
-            raw = (lambda a: a.view(np.uint16)) if mode == "bf16" else (lambda a: a)
-            arrays["x_" + tag], arrays["w_" + tag] = raw(x), raw(w)
-            here[tag] = bits(K.linear(x, w))
+            w2 = randn(rng, (N, Kd), dt, Kd ** -0.5)
+            raw = (lambda a: a.view(np.uint16)) if mode in ("bf16", "fp16") else (lambda a: a)
+            arrays["x_" + tag], arrays["w_" + tag], arrays["u_" + tag] = raw(x), raw(w), raw(w2)
+            here["lin_" + tag] = bits(K.linear(x, w))
+            here["gu_" + tag] = bits(L.gate_up(x, w, w2))
     np.savez(tmp_path / "in.npz", **arrays)
-    p = subprocess.run([sys.executable, "-c", _OTHER_TILE, other, str(tmp_path / "in.npz"),
-                        str(tmp_path / "out.npz")], capture_output=True, text=True,
-                       env=dict(os.environ, REFIMPL_TILE=other))
-    assert p.returncode == 0, p.stderr
-    theirs = np.load(tmp_path / "out.npz")
-    for tag, y in here.items():
-        assert np.array_equal(y, theirs[tag]), tag
+    cpu, features = NARROWER_ISA.get(V.VECTOR_BITS, NARROWER_ISA[256])
+    builds = {"narrower ISA": dict(NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features),
+              "other tile": dict(REFIMPL_TILE_ROWS=str(L.MR + 1))}
+    for name, env in builds.items():
+        out = tmp_path / f"out-{len(env)}.npz"
+        p = subprocess.run([sys.executable, "-c", _OTHER_BUILD, str(tmp_path / "in.npz"),
+                            str(out)], capture_output=True, text=True,
+                           env=dict(os.environ, **env), timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+        bits_, mr = (int(v) for v in p.stdout.split()[-2:])
+        assert (bits_, mr) != (V.VECTOR_BITS, L.MR), f"{name}: the build did not change"
+        theirs = np.load(out)
+        for tag, y in here.items():
+            assert np.array_equal(y, theirs[tag]), f"{name}: {tag}"
 
 
 def test_linear_keeps_leading_dims_and_falls_back_for_dtype_mixes():
