@@ -32,8 +32,10 @@ def cache_dir(directory: str = HERE) -> str:
     """The cache directory for the sources in `directory`: under $NUMBA_CACHE_DIR when set,
     else kernels/__pycache__ when writable, else ~/.cache/refimpl."""
     name = f"numba-{source_hash(directory)}"
-    if os.environ.get("REFIMPL_TILE_ROWS"):      # a forced prefill tile (kernels.linear)
-        name += "-rows" + os.environ["REFIMPL_TILE_ROWS"]
+    if os.environ.get("REFIMPL_TILE"):           # a forced prefill tile (kernels.linear)
+        name += "-tile" + os.environ["REFIMPL_TILE"]
+    if os.environ.get("REFIMPL_KERNEL_OPT"):     # a forced LLVM level (kernels._jit)
+        name += "-O" + os.environ["REFIMPL_KERNEL_OPT"]
     base = os.environ.get("NUMBA_CACHE_DIR")
     if not base:
         base = os.path.join(directory, "__pycache__")

@@ -32,6 +32,8 @@ from numba.extending import intrinsic, overload
 from refimpl.errors import InputError
 from refimpl.numerics import bfloat16
 
+from ._jit import jit
+
 FLOAT16 = np.dtype(np.float16)
 #: storage dtype -> dtype of the array a kernel sees
 RAW_VIEW = {np.dtype(np.float64): np.dtype(np.float64), np.dtype(np.float32): np.dtype(np.float32),
@@ -60,13 +62,13 @@ def _f32_as_u32(typingctx, x):
 
 
 # ---------------------------------------------------------------------------- scalar codecs
-@numba.njit(cache=True)
+@jit()
 def bf16_bits_to_f32(b):
     """bfloat16 bits (uint16) -> float32, exact."""
     return _u32_as_f32(np.uint32(b) << np.uint32(16))
 
 
-@numba.njit(cache=True)
+@jit()
 def f32_to_bf16_bits(f):
     """float32 -> bfloat16 bits (uint16), round to nearest even; NaN -> sign | 0x7fc0."""
     u = np.int64(_f32_as_u32(np.float32(f)))
@@ -75,7 +77,7 @@ def f32_to_bf16_bits(f):
     return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
 
 
-@numba.njit(cache=True)
+@jit()
 def f16_bits_to_f32(h):
     """float16 bits (int16 or uint16) -> float32, exact."""
     u = np.int64(h) & 0xFFFF
@@ -88,7 +90,7 @@ def f16_bits_to_f32(h):
     return _u32_as_f32(np.uint32(mag | sign))
 
 
-@numba.njit(cache=True)
+@jit()
 def f32_to_f16_bits(f):
     """float32 -> float16 bits (int16), round to nearest even, as NumPy's astype."""
     u = np.int64(_f32_as_u32(np.float32(f)))
@@ -231,13 +233,13 @@ def acc_np(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-@numba.njit(parallel=True, cache=True)
+@jit(parallel=True)
 def _round_bf16_kernel(src, dst):
     for i in numba.prange(src.size):
         dst[i] = f32_to_bf16_bits(src[i])
 
 
-@numba.njit(parallel=True, cache=True)
+@jit(parallel=True)
 def _round_f16_kernel(src, dst):
     for i in numba.prange(src.size):
         dst[i] = f32_to_f16_bits(src[i])
@@ -278,7 +280,7 @@ def fma(typingctx, a, b, c):
     return sig, codegen
 
 
-@numba.njit(cache=True)
+@jit()
 def exp32(x):
     """exp(x) for float32 x, branch-free so loops of it vectorise (libm's expf is a call).
 

@@ -312,7 +312,7 @@ VECTOR_BITS = vector_bits()
 LANE_NR = 16
 
 
-def make_lane_gemm(MR: int):
+def make_lane_gemm(MR: int, NR: int = 16):
     """The intrinsic lane_gemm(a, a_off, b, b_off, depth, c, c_off): one lane of the MR x 16
     dot products of a tile, as an outer-product GEMM over that lane's `depth` steps.
 
@@ -343,8 +343,8 @@ def make_lane_gemm(MR: int):
         if not (a.dtype == b.dtype == c.dtype and a.dtype in (types.float32, types.float64)):
             raise TypingError("refimpl.kernels.lane_gemm: a, b, c of one float dtype")
         acc_ll = F64 if a.dtype == types.float64 else F32
-        V = min(LANE_NR, VECTOR_BITS // (64 if acc_ll == F64 else 32))
-        NV = LANE_NR // V
+        V = min(NR, VECTOR_BITS // (64 if acc_ll == F64 else 32))
+        NV = NR // V
         sig = types.void(a, types.intp, b, types.intp, types.intp, types.intp, types.intp, c,
                          types.intp, types.intp, types.intp)
 
@@ -365,7 +365,7 @@ def make_lane_gemm(MR: int):
             with cgutils.for_range(builder, nch_) as chunk, \
                     cgutils.for_range(builder, q_) as step:
                 bo = builder.add(builder.add(b_off_, builder.mul(chunk.index, bcs_)),
-                                 builder.mul(step.index, ir.Constant(I64, LANE_NR)))
+                                 builder.mul(step.index, ir.Constant(I64, NR)))
                 bv = [builder.load(vptr(bp, builder.add(bo, ir.Constant(I64, v * V))),
                                    align=align) for v in range(NV)]
                 s = builder.add(builder.mul(chunk.index, q_), step.index)
@@ -386,19 +386,19 @@ def make_lane_gemm(MR: int):
                 base = builder.add(c_off_, builder.mul(m, ms_))
                 for i in range(MR):
                     for v in range(NV):
-                        off = builder.add(base, ir.Constant(I64, i * LANE_NR + v * V))
+                        off = builder.add(base, ir.Constant(I64, i * NR + v * V))
                         slot = accs[i * NV + v]
                         builder.store(builder.fadd(builder.load(vptr(cp, off), align=align),
                                                    builder.load(slot)), slot)
             for i in range(MR):
                 for v in range(NV):
-                    off = builder.add(c_off_, ir.Constant(I64, i * LANE_NR + v * V))
+                    off = builder.add(c_off_, ir.Constant(I64, i * NR + v * V))
                     builder.store(builder.load(accs[i * NV + v]), vptr(cp, off), align=align)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    lane_gemm.__name__ = f"lane_gemm_{MR}x{LANE_NR}"
+    lane_gemm.__name__ = f"lane_gemm_{MR}x{NR}"
     return lane_gemm
 
 
@@ -466,20 +466,21 @@ def _transpose_blocks(builder, rows, width):
 
 
 @intrinsic
-def pack_lanes(typingctx, w, w_off, w_ld, pairs, dst, d_off, d_ld):
+def pack_lanes(typingctx, w, w_off, w_ld, pairs, dst, d_off, d_ld, d_odd):
     """One chunk of 16 weight rows packed for `lane_gemm`: row j at w_off + j*w_ld, the
     chunk's S elements (16 float32 lanes, or 32 in bfloat16 pairs; 8 float64 lanes) widened
     and transposed, lane l's values of the 16 rows stored at dst[d_off + l*d_ld + 0..15]
-    (pairs: the even elements 2l, then the odd ones 2l+1 at + 16).
+    (pairs: the even elements 2l there, the odd ones 2l+1 at + d_odd).
     # w [N, K] storage dtype -> dst lane panels (accumulation dtype)"""
     kw = _kind(w)
     acc_ty, acc_ll, L = _acc_of(kw)
     if dst.dtype != acc_ty:
         raise TypingError("refimpl.kernels.pack_lanes: dst must be the accumulation dtype")
-    sig = types.void(w, types.intp, types.intp, types.intp, dst, types.intp, types.intp)
+    sig = types.void(w, types.intp, types.intp, types.intp, dst, types.intp, types.intp,
+                     types.intp)
 
     def codegen(context, builder, signature, args):
-        w_, w_off_, w_ld_, pairs_, d_, d_off_, d_ld_ = args
+        w_, w_off_, w_ld_, pairs_, d_, d_off_, d_ld_, d_odd_ = args
         wp = context.make_array(signature.args[0])(context, builder, w_).data
         dp = context.make_array(signature.args[4])(context, builder, d_).data
         R = LANE_NR
@@ -496,7 +497,8 @@ def pack_lanes(typingctx, w, w_off, w_ld, pairs, dst, d_off, d_ld):
             for l in range(L):
                 for rg, piece in enumerate(cols[l]):
                     off = builder.add(builder.add(d_off_, builder.mul(d_ld_, ir.Constant(I64, l))),
-                                      ir.Constant(I64, parity * R + rg * width))
+                                      builder.add(builder.mul(d_odd_, ir.Constant(I64, parity)),
+                                                  ir.Constant(I64, rg * width)))
                     builder.store(piece, builder.bitcast(builder.gep(dp, [off], inbounds=True),
                                                          vt.as_pointer()), align=_abi(acc_ll))
 
@@ -527,8 +529,9 @@ def pack_lanes(typingctx, w, w_off, w_ld, pairs, dst, d_off, d_ld):
                                                                              width)), vt)
                             for parity, v in ((0, even), (1, odd)):
                                 off = builder.add(builder.add(d_off_, builder.mul(
-                                    d_ld_, ir.Constant(I64, l))), ir.Constant(
-                                    I64, parity * R + rg * width))
+                                    d_ld_, ir.Constant(I64, l))), builder.add(builder.mul(
+                                        d_odd_, ir.Constant(I64, parity)),
+                                        ir.Constant(I64, rg * width)))
                                 builder.store(v, builder.bitcast(builder.gep(
                                     dp, [off], inbounds=True), vt.as_pointer()), align=4)
                 with other:

@@ -35,7 +35,6 @@ scores as the spec does: s = round(round(q . k) * scale) in the storage dtype. F
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
@@ -43,13 +42,14 @@ from refimpl import ops as spec
 from refimpl.errors import InputError
 
 from ._dtypes import acc_np, acc_zero, check_dtype, empty, ld, like, parallel, raw, rnd, st, vexp
+from ._jit import driver, jit
 from ._vec import axpy_rows, dot_1x1, dot_1x4
 
 #: queries and keys per flash tile
 BLOCK_Q, BLOCK_K = 32, 64
 
 
-@numba.njit(cache=True)
+@jit()
 def _scores(q, qo, k, base, stride, cnt, scale, s, s0):
     """s[s0 + j] = round(round(q . k_j) * scale) for the cnt keys k_j at k[base + j * stride]
     (flat offsets; 4 keys a tile, the rest one by one: a tile gives a lone dot's bits)."""
@@ -65,7 +65,7 @@ def _scores(q, qo, k, base, stride, cnt, scale, s, s0):
         j += 1
 
 
-@numba.njit(cache=True)
+@jit()
 def _softmax_rounded(s, n, q):
     """s[:n] = round(exp(s - max) / sum), the sum in key order: the spec's probabilities."""
     m = s[0]
@@ -80,22 +80,18 @@ def _softmax_rounded(s, n, q):
         s[j] = rnd(s[j] / tot, q)
 
 
-@numba.njit(parallel=True, cache=True)
-def _attn_rows(q, k, v, scale, causal, par, out):
+@driver
+def _attn_rows(q, k, v, scale, causal, out):
     """Exact cast points, one task per (query t, head h).
 
     # q [T, Hq, D], k/v [S, Hkv, D] -> out [T, Hq, D]
     """
     n = q.shape[0] * q.shape[1]
-    if par:
-        for task in prange(n):
-            _attn_row(q, k, v, scale, causal, task, out)
-    else:
-        for task in range(n):
-            _attn_row(q, k, v, scale, causal, task, out)
+    for task in prange(n):
+        _attn_row(q, k, v, scale, causal, task, out)
 
 
-@numba.njit(cache=True)
+@jit()
 def _attn_row(q, k, v, scale, causal, task, out):
     T, Hq, D = q.shape
     S, Hkv, _ = k.shape
@@ -116,22 +112,18 @@ def _attn_row(q, k, v, scale, causal, task, out):
         st(out, (t, h, d), o[d])
 
 
-@numba.njit(parallel=True, cache=True)
-def _blocks(q, kT, v, scale, causal, bq, par, out):
+@driver
+def _blocks(q, kT, v, scale, causal, bq, out):
     """Exact cast points over (head, query block) tasks.
 
     # q [T, Hq, D], kT [Hkv, S/bk, D, bk], v [S, Hkv, D] -> out [T, Hq, D]
     """
     n = q.shape[1] * ((q.shape[0] + bq - 1) // bq)
-    if par:
-        for task in prange(n):
-            _block_task(q, kT, v, scale, causal, bq, task, out)
-    else:
-        for task in range(n):
-            _block_task(q, kT, v, scale, causal, bq, task, out)
+    for task in prange(n):
+        _block_task(q, kT, v, scale, causal, bq, task, out)
 
 
-@numba.njit(cache=True)
+@jit()
 def _query_block(T, Hq, Hkv, S, bq, task):
     """The (head, query block) of a prefill task: query head h = task // blocks, its KV head
     h // (Hq / Hkv), the block's first query t0 and size nq, and offset = S - T (query t sits
@@ -142,7 +134,7 @@ def _query_block(T, Hq, Hkv, S, bq, task):
     return h, h // (Hq // Hkv), t0, min(T, t0 + bq) - t0, S - T
 
 
-@numba.njit(cache=True)
+@jit()
 def _block_task(q, kT, v, scale, causal, bq, task, out):
     """Head h = task // nqb, queries t0 .. t0+nq-1 of the one sequence of q, k, v."""
     h, hk, t0, nq, offset = _query_block(q.shape[0], q.shape[1], kT.shape[0], v.shape[0], bq,
@@ -150,7 +142,7 @@ def _block_task(q, kT, v, scale, causal, bq, task, out):
     _block_rows(q, 0, q.shape[0], kT, 0, v, 0, v.shape[0], scale, causal, h, t0, nq, out)
 
 
-@numba.njit(cache=True)
+@jit()
 def _block_rows(q, q0, T, kT, kb0, v, v0, S, scale, causal, h, t0, nq, out):
     """Queries t0 .. t0+nq-1 of head h of a sequence whose T queries are rows q0.. of q and
     whose S keys are kT blocks kb0.. and rows v0.. of v (the queries are the last T of the S
@@ -191,8 +183,8 @@ def _block_rows(q, q0, T, kT, kb0, v, v0, S, scale, causal, h, t0, nq, out):
             st(out, (q0 + t0 + i, h, d), o[d])
 
 
-@numba.njit(parallel=True, cache=True)
-def _varlen(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, par, out):
+@driver
+def _varlen(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, out):
     """Packed sequences, one task per (sequence, head, block of bq queries).
 
     # q [sum q_lens, Hq, D], kT [Hkv, blocks, D, bk] (each sequence's keys from its own
@@ -200,15 +192,11 @@ def _varlen(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, par, out):
     # tasks [n, 3] (b, h, t0) -> out [sum q_lens, Hq, D]
     """
     n = tasks.shape[0]
-    if par:
-        for i in prange(n):
-            _varlen_task(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, i, out)
-    else:
-        for i in range(n):
-            _varlen_task(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, i, out)
+    for i in prange(n):
+        _varlen_task(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, i, out)
 
 
-@numba.njit(cache=True)
+@jit()
 def _varlen_task(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, i, out):
     b, h, t0 = tasks[i, 0], tasks[i, 1], tasks[i, 2]
     T = qs[b + 1] - qs[b]
@@ -216,23 +204,19 @@ def _varlen_task(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, i, out):
                 min(T, t0 + bq) - t0, out)
 
 
-@numba.njit(parallel=True, cache=True)
-def _flash(q, kT, v, scale, causal, bq, bk, par, out):
+@driver
+def _flash(q, kT, v, scale, causal, bq, bk, out):
     """Online-softmax attention over (head, query block) tasks.
 
     # q [T, Hq, D], k/v [S, Hkv, D] -> out [T, Hq, D]
     """
     n = q.shape[1] * ((q.shape[0] + bq - 1) // bq)
-    if par:
-        for task in prange(n):
-            _flash_task(q, kT, v, scale, causal, bq, bk, task, out)
-    else:
-        for task in range(n):
-            _flash_task(q, kT, v, scale, causal, bq, bk, task, out)
+    for task in prange(n):
+        _flash_task(q, kT, v, scale, causal, bq, bk, task, out)
 
 
-@numba.njit(parallel=True, cache=True)
-def _transpose_keys(k, ks, blk_seq, blk_first, par, kT):
+@driver
+def _transpose_keys(k, ks, blk_seq, blk_first, kT):
     """kT[h, g, d, j] = key blk_first... of block g widened to the accumulation dtype: block g
     holds keys (g - blk_first[b]) * bk .. + bk - 1 of sequence b = blk_seq[g], whose keys are
     rows ks[b] .. ks[b + 1] - 1 of k, transposed and contiguous (zero past the sequence).
@@ -240,15 +224,11 @@ def _transpose_keys(k, ks, blk_seq, blk_first, par, kT):
     # k [sum S, Hkv, D] -> kT [Hkv, blocks, D, bk]
     """
     Hkv, nkb = kT.shape[0], kT.shape[1]
-    if par:
-        for hg in prange(Hkv * nkb):
-            _transpose_block(k, ks, blk_seq, blk_first, hg // nkb, hg - (hg // nkb) * nkb, kT)
-    else:
-        for hg in range(Hkv * nkb):
-            _transpose_block(k, ks, blk_seq, blk_first, hg // nkb, hg - (hg // nkb) * nkb, kT)
+    for hg in prange(Hkv * nkb):
+        _transpose_block(k, ks, blk_seq, blk_first, hg // nkb, hg - (hg // nkb) * nkb, kT)
 
 
-@numba.njit(cache=True)
+@jit()
 def _transpose_block(k, ks, blk_seq, blk_first, h, g, kT):
     D, bk = k.shape[2], kT.shape[3]
     b = blk_seq[g]
@@ -275,11 +255,11 @@ def _transposed_keys(k: np.ndarray, kv_lens: np.ndarray, acc) -> tuple:
     ks = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int64)
     kT = np.empty((Hkv, max(1, int(nblk.sum())), D, BLOCK_K), acc)
     if nblk.sum():
-        _transpose_keys(raw(k), ks, blk_seq, first, parallel(k.size), kT)
+        _transpose_keys[parallel(k.size)](raw(k), ks, blk_seq, first, kT)
     return kT, first
 
 
-@numba.njit(cache=True)
+@jit()
 def _flash_task(q, kT, v, scale, causal, bq, bk, task, out):
     """Head h = task // nqb, queries t0 .. t0+nq-1: keys in blocks of bk, online softmax.
 
@@ -336,22 +316,18 @@ def _flash_task(q, kT, v, scale, causal, bq, bk, task, out):
             st(out, (t0 + i, h, d), acc[i, d] / l[i])
 
 
-@numba.njit(parallel=True, cache=True)
-def _paged(q, kc, vc, tables, lens, scale, par, out):
+@driver
+def _paged(q, kc, vc, tables, lens, scale, out):
     """Paged decode, one task per (sequence b, head h).
 
     # q [B, Hq, D], kc/vc [NB, BS, Hkv, D], tables [B, max_blocks], lens [B] -> out [B, Hq, D]
     """
     n = q.shape[0] * q.shape[1]
-    if par:
-        for task in prange(n):
-            _paged_row(q, kc, vc, tables, lens, scale, task, out)
-    else:
-        for task in range(n):
-            _paged_row(q, kc, vc, tables, lens, scale, task, out)
+    for task in prange(n):
+        _paged_row(q, kc, vc, tables, lens, scale, task, out)
 
 
-@numba.njit(cache=True)
+@jit()
 def _paged_row(q, kc, vc, tables, lens, scale, task, out):
     """`_attn_row` reading its keys and values through a block table, block by block: the
     same dot products (4 keys a tile within a block, the rest one by one) and the same key
@@ -400,8 +376,9 @@ def paged_attention(query: np.ndarray, key_cache: np.ndarray, value_cache: np.nd
     sc = acc_np(query.dtype).type(D ** -0.5 if scale is None else scale)
     out, out_raw = empty(query.shape, query.dtype)
     par = parallel(int(lens.sum()) * query.shape[1] * D)
-    _paged(raw(query), raw(np.ascontiguousarray(key_cache)), raw(np.ascontiguousarray(value_cache)),
-           np.ascontiguousarray(tables), np.ascontiguousarray(lens), sc, par, out_raw)
+    _paged[par](raw(query), raw(np.ascontiguousarray(key_cache)),
+                raw(np.ascontiguousarray(value_cache)), np.ascontiguousarray(tables),
+                np.ascontiguousarray(lens), sc, out_raw)
     return out
 
 
@@ -433,13 +410,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True,
     qr, kr, vr = raw(q), raw(k), raw(v)
     par = parallel(T * Hq * S * D // (2 if causal and T > 1 else 1))
     if flash is False or (flash is None and T == 1):
-        _attn_rows(qr, kr, vr, sc, bool(causal), par, out_raw)
+        _attn_rows[par](qr, kr, vr, sc, bool(causal), out_raw)
         return out
     kT, _ = _transposed_keys(k, np.array([S], np.int64), acc)  # keys transposed, widened
     if flash:
-        _flash(qr, kT, vr, sc, bool(causal), BLOCK_Q, BLOCK_K, par, out_raw)
+        _flash[par](qr, kT, vr, sc, bool(causal), BLOCK_Q, BLOCK_K, out_raw)
     else:
-        _blocks(qr, kT, vr, sc, bool(causal), BLOCK_Q, par, out_raw)
+        _blocks[par](qr, kT, vr, sc, bool(causal), BLOCK_Q, out_raw)
     return out
 
 
@@ -475,6 +452,6 @@ def attention_varlen(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_lens, kv_len
     qs = np.concatenate([[0], np.cumsum(ql)]).astype(np.int64)
     ks = np.concatenate([[0], np.cumsum(kl)]).astype(np.int64)
     work = int(np.sum(ql * kl)) * Hq * D // (2 if causal else 1)
-    _varlen(raw(q), kT, raw(v), qs, ks, first, tasks, sc, bool(causal), BLOCK_Q, parallel(work),
-            out_raw)
+    _varlen[parallel(work)](raw(q), kT, raw(v), qs, ks, first, tasks, sc, bool(causal), BLOCK_Q,
+                            out_raw)
     return out

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
 from refimpl import ops as spec
 
 from ._dtypes import check_dtype, empty, ld, parallel, raw, same_accum, st
+from ._jit import driver
 
 
-@numba.njit(parallel=True, cache=True)
-def _add(x, y, par, out):
-    if par:
-        for i in prange(x.size):
-            st(out, i, ld(x, i) + ld(y, i))
-    else:
-        for i in range(x.size):
-            st(out, i, ld(x, i) + ld(y, i))
+@driver
+def _add(x, y, out):
+    for i in prange(x.size):
+        st(out, i, ld(x, i) + ld(y, i))
 
 
 def add(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -32,5 +28,5 @@ def add(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return spec.add(x, y)
     out, out_raw = empty(x.shape, x.dtype)
     if x.size:
-        _add(raw(x).reshape(-1), raw(y).reshape(-1), parallel(x.size), out_raw.reshape(-1))
+        _add[parallel(x.size)](raw(x).reshape(-1), raw(y).reshape(-1), out_raw.reshape(-1))
     return out

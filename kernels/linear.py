@@ -54,27 +54,31 @@ from refimpl import ops as spec
 from refimpl.numerics import STORAGE_DTYPES, bfloat16
 
 from ._dtypes import acc_np, check_dtype, empty, fma, ld, parallel, raw, rnd, silu, st
+from ._jit import jit
 from ._vec import (LANE_NR, VECTOR_BITS, dot_1x1, lane_order, make_lane_gemm, pack_lanes,
                    prefetch)
 
 #: tokens per prefill tile by vector width: MR x 16 float32 accumulators + 16 weights + one
 #: broadcast token value within the registers (AVX-512 8 x 16: 10 of 32 zmm; AVX2 6 x 16:
 #: 15 of 16 ymm); measured 99% of the FMA peak in L1, one thread (BENCHMARKS.md, issue 16)
-TILE_ROWS = {512: 8, 256: 6, 128: 6}
+TILES = {512: (8, 32), 256: (6, 16), 128: (6, 16)}
 
 
 def tile_shape() -> tuple:
-    """(MR, NR) of the prefill tile: MR tokens (by the vector width Numba compiles for,
-    `_vec.VECTOR_BITS`: NUMBA_CPU_FEATURES when set, else the host's) x 16 weight rows.
-    REFIMPL_TILE_ROWS=MR overrides (for measuring; its own Numba cache directory). Every dot
-    product is the same whatever the tile."""
-    forced = os.environ.get("REFIMPL_TILE_ROWS")
-    return (int(forced) if forced else TILE_ROWS[VECTOR_BITS]), LANE_NR
+    """(MR, NR) of the prefill tile: MR tokens x NR weight rows (a multiple of 16), by the
+    vector width Numba compiles for (`_vec.VECTOR_BITS`: NUMBA_CPU_FEATURES when set, else
+    the host's). REFIMPL_TILE=MRxNR overrides (for measuring; its own Numba cache
+    directory). Every dot product is the same whatever the tile."""
+    forced = os.environ.get("REFIMPL_TILE")
+    if forced:
+        mr, nr = (int(v) for v in forced.lower().split("x"))
+        return mr, nr
+    return TILES[VECTOR_BITS]
 
 
 #: tile shape of the prefill kernel: MR tokens x NR weight rows
 MR, NR = tile_shape()
-lane_gemm = make_lane_gemm(MR)
+lane_gemm = make_lane_gemm(MR, NR)
 
 #: token tiles per block: a block's stacks of lane subtrees (MB_TILES x STACK x MR x 16
 #: float32, 24 KiB at 12 x 4 x 8) stay in L1/L2 while the 16 lanes pass; the block's packed
@@ -93,7 +97,7 @@ MODE_LINEAR, MODE_GATE_UP = 0, 1
 
 
 # ---------------------------------------------------------------------------- decode
-@numba.njit(cache=True)
+@jit()
 def _flush_one(out, t, n, s, u, b, mode):
     """out[t, n] = epilogue(s, u): s + bias rounded (linear), or the SwiGLU of gate s and
     up u (gate-up)."""
@@ -107,7 +111,7 @@ def _flush_one(out, t, n, s, u, b, mode):
         st(out, (t, n), a * rnd(u, out))
 
 
-@numba.njit(cache=True)
+@jit()
 def _rows_streamed(x, w, w2, b, mode, n0, n1, out):
     """Rows n0..n1-1 one at a time, every token (few) against the row while it is in L1;
     with two weights, all rows of w first, then those of w2 (one sequential stream at a
@@ -130,7 +134,7 @@ def _rows_streamed(x, w, w2, b, mode, n0, n1, out):
                 _flush_one(out, t, n, g[i], u[i], b, mode)
 
 
-@numba.njit(parallel=True, cache=True)
+@jit(parallel=True)
 def _gemm_rows(x, w, w2, b, mode, par, nthreads, out):
     """out[t, n] for few tokens: worker k owns rows [k N / nw, (k+1) N / nw), one sequential
     stream per weight. # x [M, K], w/w2 [N, K] -> out [M, N]"""
@@ -139,12 +143,13 @@ def _gemm_rows(x, w, w2, b, mode, par, nthreads, out):
         nw = max(1, min(nthreads, N // 16))
         for k in prange(nw):
             _rows_streamed(x, w, w2, b, mode, k * N // nw, (k + 1) * N // nw, out)
-    else:
-        _rows_streamed(x, w, w2, b, mode, 0, N, out)
+    else:   # the same call (no literal 0: Numba would compile a second specialisation)
+        for k in range(1):
+            _rows_streamed(x, w, w2, b, mode, k * N, (k + 1) * N, out)
 
 
 # ---------------------------------------------------------------------------- prefill
-@numba.njit(cache=True)
+@jit()
 def lane_k(s, lane, lanes, pairs):
     """Element k of K at step s of lane `lane` (pairs: chunks of 2*lanes, each lane taking
     its even element 2l, then its odd one 2l+1)."""
@@ -153,7 +158,7 @@ def lane_k(s, lane, lanes, pairs):
     return s * lanes + lane
 
 
-@numba.njit(cache=True)
+@jit()
 def pack_tokens(x, t0, t1, pairs, lanes, ap):
     """Rows t0..t1-1 of x widened into ap for `lane_gemm`, token tile by token tile (MR rows),
     in a tile lane after lane, in a lane step after step, the tile's MR tokens together:
@@ -187,7 +192,7 @@ def chunk_stride(lanes: int, pairs: int) -> int:
     return lanes * (2 if pairs else 1) * NR + NR
 
 
-@numba.njit(cache=True)
+@jit()
 def _pack_weights(w, n0, pairs, lanes, bp):
     """Weight rows n0..n0+15 packed chunk after chunk (`_vec.pack_lanes`), each chunk written
     in one run: bp[c*CS + l*Q*16 + q*16 + j] = w[n0 + j, lane_k(c*Q + q, l)], CS =
@@ -203,10 +208,11 @@ def _pack_weights(w, n0, pairs, lanes, bp):
         if k + ahead < K:
             for j in range(NR):
                 prefetch(w, (n0 + j) * K + k + ahead)
-        pack_lanes(w, n0 * K + k, K, pairs, bp, c * CS, Q * NR)
+        for r in range(0, NR, LANE_NR):                 # 16 rows at a time
+            pack_lanes(w, (n0 + r) * K + k, K, pairs, bp, c * CS + r, Q * NR, NR)
 
 
-@numba.njit(cache=True)
+@jit()
 def _epilogue(cb, cb2, ap, w, w2, b, mode, t0, t1, n0, j0, Kv, out):
     """out[t0:t1, n0 + j0 : n0 + NR] from the sums (output (t, n0 + j) at cb[(t - t0)*NR + j]):
     the last K - Kv products in order, then the bias or the SwiGLU, and the one rounding."""
@@ -237,7 +243,7 @@ def _epilogue(cb, cb2, ap, w, w2, b, mode, t0, t1, n0, j0, Kv, out):
                 st(out, (t, n), rnd(silu(g), out) * rnd(cb2[row + n], out))
 
 
-@numba.njit(cache=True)
+@jit()
 def _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles, j0, j1, out):
     """Weight tiles j0..j1-1 (tile j: rows min(16 j, N - 16) .. + 16; the last one may
     overlap its neighbour and writes only its own rows) for every token."""
@@ -278,14 +284,14 @@ def _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles, j0, j1, out
                           jt * NR - n0, Kv, out)
 
 
-@numba.njit(parallel=True, cache=True)
-def _gemm_tiles(x, w, w2, b, mode, pairs, lanes, mb_tiles, par, nthreads, out):
+@jit(parallel=True)
+def _gemm_tiles(x, w, w2, b, mode, pairs, lanes, mb_tiles, par, nthreads, ap, out):
     """out[t, n] = epilogue(dot(x[t], w[n]), dot(x[t], w2[n])) for M >= MR tokens and
-    N >= 16 rows; threads share weight tiles. # x [M, K], w/w2 [N, K] -> out [M, N]"""
+    N >= NR rows; threads share weight tiles; ap: zeros for the packed tokens (Mp x K, Mp =
+    M rounded up to MR). # x [M, K], w/w2 [N, K] -> out [M, N]"""
     M, K = x.shape
     N = w.shape[0]
-    Mp = -(-M // MR) * MR
-    ap = np.zeros(Mp * K, b.dtype)                    # packed tokens, zero rows past M
+    Mp = ap.size // K
     ntiles = -(-N // NR)
     if par:
         nw = max(1, min(nthreads, ntiles))
@@ -294,9 +300,11 @@ def _gemm_tiles(x, w, w2, b, mode, pairs, lanes, mb_tiles, par, nthreads, out):
         for k in prange(nw):
             _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles,
                           k * ntiles // nw, (k + 1) * ntiles // nw, out)
-    else:
-        pack_tokens(x, 0, M, pairs, lanes, ap)
-        _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles, 0, ntiles, out)
+    else:   # the same calls (no literal 0: Numba would compile a second specialisation)
+        for k in range(1):
+            pack_tokens(x, k * M, (k + 1) * M, pairs, lanes, ap)
+            _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles, k * ntiles,
+                          (k + 1) * ntiles, out)
 
 
 def _kernel_ok(x: np.ndarray, *weights) -> bool:
@@ -325,8 +333,9 @@ def _run(x2, w, w2, b, mode, out_dtype):
         else:
             lanes = 8 if b.dtype == np.float64 else 16
             pairs = int(np.dtype(x2.dtype) == bfloat16 and np.dtype(w.dtype) == bfloat16)
+            ap = np.zeros(-(-M // MR) * MR * K, b.dtype)   # packed tokens, zero rows past M
             _gemm_tiles(xr, raw(w), raw(w2), b, mode, pairs, lanes, MB_TILES, parallel(work),
-                        numba.get_num_threads(), out_raw)
+                        numba.get_num_threads(), ap, out_raw)
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
@@ -12,12 +11,13 @@ from refimpl.numerics import round_to, to_accum
 from refimpl.ops.moe_stages import slot_token_choice
 
 from ._dtypes import acc_np, acc_zero, check_dtype, empty, ld, like, parallel, raw, rnd, st, vexp
+from ._jit import driver, jit
 from .linear import linear
 from .mlp import swiglu
 from .moe_stages import grouped_gate_up, grouped_matmul, moe_combine, moe_dispatch
 
 
-@numba.njit(cache=True)
+@jit()
 def _route_token(logits, scale, G, t, ids, weights):
     """Token t: softmax over all E experts, argmax in each of G contiguous groups (first
     maximum wins), weight = p[e] * scale[e].
@@ -45,14 +45,10 @@ def _route_token(logits, scale, G, t, ids, weights):
         weights[t, g] = p[best] * scale[best]
 
 
-@numba.njit(parallel=True, cache=True)
-def _route(logits, scale, G, par, ids, weights):
-    if par:
-        for t in prange(logits.shape[0]):
-            _route_token(logits, scale, G, t, ids, weights)
-    else:
-        for t in range(logits.shape[0]):
-            _route_token(logits, scale, G, t, ids, weights)
+@driver
+def _route(logits, scale, G, ids, weights):
+    for t in prange(logits.shape[0]):
+        _route_token(logits, scale, G, t, ids, weights)
 
 
 def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: int,
@@ -78,11 +74,11 @@ def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: 
     ids = np.empty((T, num_groups), np.int64)
     weights = np.empty((T, num_groups), acc)
     if T:
-        _route(raw(logits), scale, num_groups, parallel(logits.size * 8), ids, weights)
+        _route[parallel(logits.size * 8)](raw(logits), scale, num_groups, ids, weights)
     return ids, weights
 
 
-@numba.njit(cache=True)
+@jit()
 def _combine_token(expert_out, rows, w, shared, t, out):
     """y[t] = round(y + round(w[t, g] * expert_out[rows[t, g]])) over g = 0..G-1 (ascending
     expert id, as groups are ascending id ranges), then round(y + shared[t]).
@@ -97,14 +93,10 @@ def _combine_token(expert_out, rows, w, shared, t, out):
         st(out, (t, c), y + ld(shared, (t, c)))
 
 
-@numba.njit(parallel=True, cache=True)
-def _combine(expert_out, rows, w, shared, par, out):
-    if par:
-        for t in prange(out.shape[0]):
-            _combine_token(expert_out, rows, w, shared, t, out)
-    else:
-        for t in range(out.shape[0]):
-            _combine_token(expert_out, rows, w, shared, t, out)
+@driver
+def _combine(expert_out, rows, w, shared, out):
+    for t in prange(out.shape[0]):
+        _combine_token(expert_out, rows, w, shared, t, out)
 
 
 def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, experts,
@@ -169,6 +161,6 @@ def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, 
     y, y_raw = empty((T, H), dt)
     if T:
         rows = d["expanded_row_idx"].reshape(G, T).T.copy()         # [T, G] row of (t, g)
-        _combine(raw(down), rows, raw(weights_s), raw(shared), parallel(down.size), y_raw)
+        _combine[parallel(down.size)](raw(down), rows, raw(weights_s), raw(shared), y_raw)
     return y
 

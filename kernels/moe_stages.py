@@ -6,7 +6,6 @@ Semantics, names and signatures of `refimpl.ops.moe_stages`.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
@@ -15,10 +14,11 @@ from refimpl.errors import InputError
 from refimpl.numerics import to_accum
 
 from ._dtypes import acc_np, acc_zero, check_dtype, empty, ld, parallel, raw, st
+from ._jit import driver, jit
 from .linear import _kernel_ok, gate_up, linear
 
 
-@numba.njit(cache=True)
+@jit()
 def _dispatch(flat, N, K, E, v1, sorted_ids, sorted_row_idx, expanded_row_idx, counts):
     """Counting sort of the flattened ids (token-major i = t*K + k), stable, so equal to
     the spec's stable argsort. # flat [N*K] -> the four int64 outputs"""
@@ -93,7 +93,7 @@ def grouped_gate_up(x_sorted: np.ndarray, experts, group_list) -> np.ndarray:
     return out if out is not None else np.zeros((R, 0), x_sorted.dtype)
 
 
-@numba.njit(cache=True)
+@jit()
 def _combine_token(rows, sca, dst, skips, n_skips, v1, t, out):
     """out[t] = round(skips... + sum_k sca[t, k] * rows[dst[slot(t, k)]]), accumulation
     in order: the skips, then k = 0 .. K-1 (a dropped slot adds 0.0, as the spec's where)."""
@@ -111,14 +111,10 @@ def _combine_token(rows, sca, dst, skips, n_skips, v1, t, out):
         st(out, (t, c), acc)
 
 
-@numba.njit(parallel=True, cache=True)
-def _combine(rows, sca, dst, skips, n_skips, v1, par, out):
-    if par:
-        for t in prange(out.shape[0]):
-            _combine_token(rows, sca, dst, skips, n_skips, v1, t, out)
-    else:
-        for t in range(out.shape[0]):
-            _combine_token(rows, sca, dst, skips, n_skips, v1, t, out)
+@driver
+def _combine(rows, sca, dst, skips, n_skips, v1, out):
+    for t in prange(out.shape[0]):
+        _combine_token(rows, sca, dst, skips, n_skips, v1, t, out)
 
 
 def moe_combine(rows: np.ndarray, scales, expanded_row_idx, skip=None, bias=None,
@@ -150,8 +146,8 @@ def moe_combine(rows: np.ndarray, scales, expanded_row_idx, skip=None, bias=None
         stack[i] = s
     y, y_raw = empty((N, H), rows.dtype)
     if N:
-        _combine(raw(rows), sca, dst, raw(stack), len(skips), convention == "v1",
-                 parallel(N * K * H), y_raw)
+        _combine[parallel(N * K * H)](raw(rows), sca, dst, raw(stack), len(skips),
+                                      convention == "v1", y_raw)
     return y
 
 

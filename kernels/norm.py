@@ -3,17 +3,17 @@ residual add + RMSNorm of the serving path."""
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
 from refimpl import ops as spec
 
 from ._dtypes import acc_np, check_dtype, empty, ld, like, parallel, raw, rnd, same_accum, st
+from ._jit import driver, jit
 from ._vec import dot_1x1
 
 
-@numba.njit(cache=True)
+@jit()
 def _rms_row(x, w, eps, r, out):
     """out[r] = round(w * round(x[r] / sqrt(mean(x[r]^2) + eps))); returns the inverse RMS.
     # [R, H], [H] -> [R, H]"""
@@ -26,14 +26,10 @@ def _rms_row(x, w, eps, r, out):
     return inv
 
 
-@numba.njit(parallel=True, cache=True)
-def _rms_norm(x, w, eps, par, out):
-    if par:
-        for r in prange(x.shape[0]):
-            _rms_row(x, w, eps, r, out)
-    else:
-        for r in range(x.shape[0]):
-            _rms_row(x, w, eps, r, out)
+@driver
+def _rms_norm(x, w, eps, out):
+    for r in prange(x.shape[0]):
+        _rms_row(x, w, eps, r, out)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -52,12 +48,12 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     H = x.shape[-1]
     out, out_raw = empty(x.shape, x.dtype)
     if x.size:
-        _rms_norm(raw(x).reshape(-1, H), raw(weight), acc_np(x.dtype).type(eps),
-                  parallel(x.size), out_raw.reshape(-1, H))
+        _rms_norm[parallel(x.size)](raw(x).reshape(-1, H), raw(weight), acc_np(x.dtype).type(eps),
+                                    out_raw.reshape(-1, H))
     return out
 
 
-@numba.njit(cache=True)
+@jit()
 def _add_rms_row(x, res, w, eps, r, x_sum, out, rstd):
     """x_sum[r] = round(x[r] + res[r]); out[r] = rms_norm(x_sum[r]); rstd[r] its inverse RMS."""
     for i in range(x.shape[1]):
@@ -65,14 +61,10 @@ def _add_rms_row(x, res, w, eps, r, x_sum, out, rstd):
     rstd[r] = _rms_row(x_sum, w, eps, r, out)
 
 
-@numba.njit(parallel=True, cache=True)
-def _add_rms_norm(x, res, w, eps, par, x_sum, out, rstd):
-    if par:
-        for r in prange(x.shape[0]):
-            _add_rms_row(x, res, w, eps, r, x_sum, out, rstd)
-    else:
-        for r in range(x.shape[0]):
-            _add_rms_row(x, res, w, eps, r, x_sum, out, rstd)
+@driver
+def _add_rms_norm(x, res, w, eps, x_sum, out, rstd):
+    for r in prange(x.shape[0]):
+        _add_rms_row(x, res, w, eps, r, x_sum, out, rstd)
 
 
 def add_rms_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float):
@@ -95,7 +87,7 @@ def add_rms_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: f
     x_sum, x_sum_raw = empty(x.shape, x.dtype)
     rstd = np.empty(x.shape[:-1] + (1,), acc)
     if x.size:
-        _add_rms_norm(raw(x).reshape(-1, H), raw(residual).reshape(-1, H), raw(weight),
-                      acc.type(eps), parallel(x.size), x_sum_raw.reshape(-1, H),
-                      y_raw.reshape(-1, H), rstd.reshape(-1))
+        _add_rms_norm[parallel(x.size)](raw(x).reshape(-1, H), raw(residual).reshape(-1, H),
+                                        raw(weight), acc.type(eps), x_sum_raw.reshape(-1, H),
+                                        y_raw.reshape(-1, H), rstd.reshape(-1))
     return y, x_sum, rstd

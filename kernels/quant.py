@@ -18,7 +18,6 @@ streams each weight row once: half the bytes of a bf16 matvec.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
@@ -26,6 +25,7 @@ from refimpl import ops as spec
 from refimpl.ops.quant import check_int8, check_int8_shapes
 
 from ._dtypes import parallel
+from ._jit import jit
 
 #: weight rows per parallel work item
 ROW_BLOCK = 16
@@ -33,7 +33,7 @@ ROW_BLOCK = 16
 TOKEN_BLOCK = 64
 
 
-@numba.njit(cache=True, inline="always")
+@jit(inline="always")
 def _dot_i8(x, t, w, n, k):
     """sum_j x[t, j] * w[n, j] as int32 (exact for k <= MAX_INT8_REDUCTION). Written on 2-D
     indices: LLVM then vectorises it (flat offsets with Numba's negative-index wrap do not).
@@ -46,7 +46,7 @@ def _dot_i8(x, t, w, n, k):
     return acc
 
 
-@numba.njit(cache=True, inline="always")
+@jit(inline="always")
 def _row_block(x, w, out, n0, T, N, K):
     n1 = min(n0 + ROW_BLOCK, N)
     for t0 in range(0, T, TOKEN_BLOCK):
@@ -56,7 +56,7 @@ def _row_block(x, w, out, n0, T, N, K):
                 out[t, n] = _dot_i8(x, t, w, n, K)
 
 
-@numba.njit(cache=True)
+@jit()
 def _int8_matmul_serial(x, w, out):
     T, K = x.shape
     N = w.shape[0]
@@ -64,7 +64,7 @@ def _int8_matmul_serial(x, w, out):
         _row_block(x, w, out, n0, T, N, K)
 
 
-@numba.njit(cache=True, parallel=True)
+@jit(parallel=True)
 def _int8_matmul_parallel(x, w, out):
     T, K = x.shape
     N = w.shape[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
@@ -10,9 +9,10 @@ from refimpl import ops as spec
 from refimpl.numerics import round_to
 
 from ._dtypes import acc_np, check_dtype, empty, ld, parallel, raw, rnd, st
+from ._jit import driver, jit
 
 
-@numba.njit(cache=True)
+@jit()
 def _rope_row(x, c, s, t, out):
     """out[t] = round(round(x[t] * c[t]) + round(rotate_half(x[t]) * s[t])).
 
@@ -32,14 +32,10 @@ def _rope_row(x, c, s, t, out):
             st(out, (t, h, i), y)
 
 
-@numba.njit(parallel=True, cache=True)
-def _rope(x, c, s, par, out):
-    if par:
-        for t in prange(x.shape[0]):
-            _rope_row(x, c, s, t, out)
-    else:
-        for t in range(x.shape[0]):
-            _rope_row(x, c, s, t, out)
+@driver
+def _rope(x, c, s, out):
+    for t in prange(x.shape[0]):
+        _rope_row(x, c, s, t, out)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -64,5 +60,5 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         s = np.ascontiguousarray(round_to(sin, x.dtype), dtype=acc)
     out, out_raw = empty(x.shape, x.dtype)
     if x.size:
-        _rope(raw(x), c, s, parallel(x.size), out_raw)
+        _rope[parallel(x.size)](raw(x), c, s, out_raw)
     return out

@@ -227,7 +227,7 @@ _OTHER_BUILD = textwrap.dedent("""
     import importlib
     L = importlib.import_module("refimpl.kernels.linear")   # the module, not the function
     V = importlib.import_module("refimpl.kernels._vec")
-    print(V.VECTOR_BITS, L.MR)
+    print(V.VECTOR_BITS, L.MR, L.NR)
     data = np.load(sys.argv[1])
     out = {}
     for key in [k for k in data.files if k.startswith("x_")]:
@@ -275,15 +275,15 @@ def test_linear_bits_do_not_depend_on_the_isa_or_the_tile(tmp_path):
     np.savez(tmp_path / "in.npz", **arrays)
     cpu, features = NARROWER_ISA.get(V.VECTOR_BITS, NARROWER_ISA[256])
     builds = {"narrower ISA": dict(NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features),
-              "other tile": dict(REFIMPL_TILE_ROWS=str(L.MR + 1))}
+              "other tile": dict(REFIMPL_TILE=f"{L.MR + 1}x{48 if L.NR != 48 else 16}")}
     for name, env in builds.items():
         out = tmp_path / f"out-{len(env)}.npz"
         p = subprocess.run([sys.executable, "-c", _OTHER_BUILD, str(tmp_path / "in.npz"),
                             str(out)], capture_output=True, text=True,
                            env=dict(os.environ, **env), timeout=900)
         assert p.returncode == 0, p.stderr[-3000:]
-        bits_, mr = (int(v) for v in p.stdout.split()[-2:])
-        assert (bits_, mr) != (V.VECTOR_BITS, L.MR), f"{name}: the build did not change"
+        bits_, mr, nr = (int(v) for v in p.stdout.split()[-3:])
+        assert (bits_, mr, nr) != (V.VECTOR_BITS, L.MR, L.NR), f"{name}: the build did not change"
         theirs = np.load(out)
         for tag, y in here.items():
             assert np.array_equal(y, theirs[tag]), f"{name}: {tag}"
