@@ -32,17 +32,22 @@ Conventions (see each module's docstring for its kernel):
   float32 (normwise 7e-3 from the spec in bf16, ~2 bf16 ulps).
 * No fast-math. Dot products use explicit vector code (`_vec`) with a fixed summation order
   and IEEE fused multiply-add, so a result does not depend on the thread count, on the tile
-  it was computed in, or on the compiler's choices. Threads split only independent outputs.
-  No BLAS either (see `linear`).
-* `cache=True` everywhere: the first call of the kernels of a dtype compiles them (about
-  25-35 s per dtype here; `python -m refimpl bench --only compile`), later processes load
-  them from the cache. The cache lives in a directory named after a hash of every kernel
-  source file (`_cache.cache_dir`, kernels/__pycache__/numba-HASH), because Numba's own
-  index only notices edits to the file a function is defined in, not to the helpers it
-  inlines (`_vec`, `_dtypes`): an edit anywhere in kernels/ starts a fresh cache, and code
-  compiled from older sources is never served.
-* Small calls (less than `_dtypes.PARALLEL_MIN_WORK` operations) run on the calling thread;
-  REFIMPL_PARALLEL_MIN_WORK=0 forces every kernel onto the thread pool.
+  it was computed in, on the ISA (AVX2 and AVX-512 give the same bits: tests/test_kernels.py
+  compiles for a narrower ISA in a subprocess), or on the compiler's choices. Threads split
+  only independent outputs. No BLAS either (see `linear`).
+* Compiled by `_jit.jit` (`numba.njit(cache=True)` at LLVM -O1, which leaves the explicit
+  vector code as fast as -O3 and compiles in 70% of the time); the loops over independent
+  work items are `_jit.driver`s, compiled in a serial form and, only when an input first
+  needs the thread pool, a parallel one. The first call of the kernels of a dtype compiles
+  them (`python -m refimpl bench --only compile`: about 10 s on small inputs, 4-5 s more at
+  real width, on the project's machine), later processes load them from the cache. The
+  cache lives in a directory named after a hash of every kernel source file
+  (`_cache.cache_dir`, kernels/__pycache__/numba-HASH), because Numba's own index only
+  notices edits to the file a function is defined in, not to the helpers it inlines (`_vec`,
+  `_dtypes`): an edit anywhere in kernels/ starts a fresh cache, and code compiled from
+  older sources is never served.
+* Small calls (less than `_dtypes.PARALLEL_MIN_WORK` operations) run on the calling thread
+  (the serial form); REFIMPL_PARALLEL_MIN_WORK=0 forces every kernel onto the thread pool.
 * Unusual dtype mixes or shapes (where a kernel could not reproduce the spec exactly) fall
   back to the spec operator.
 """

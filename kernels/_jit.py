@@ -68,7 +68,9 @@ def jit(**options):
 
 class Driver:
     """A loop over independent work items (`prange`), compiled serial and parallel:
-    driver[par] is the form to call (par: `_dtypes.parallel(work)`)."""
+    driver[par] is the form to call (par: `_dtypes.parallel(work)`). The loop passes its
+    index to callees as np.int64(i): a parallel loop's index is unsigned, a serial one's
+    int64, and each callee would otherwise be compiled twice."""
 
     def __init__(self, fn):
         self.serial = jit()(fn)

@@ -88,7 +88,7 @@ def _attn_rows(q, k, v, scale, causal, out):
     """
     n = q.shape[0] * q.shape[1]
     for task in prange(n):
-        _attn_row(q, k, v, scale, causal, task, out)
+        _attn_row(q, k, v, scale, causal, np.int64(task), out)
 
 
 @jit()
@@ -120,7 +120,7 @@ def _blocks(q, kT, v, scale, causal, bq, out):
     """
     n = q.shape[1] * ((q.shape[0] + bq - 1) // bq)
     for task in prange(n):
-        _block_task(q, kT, v, scale, causal, bq, task, out)
+        _block_task(q, kT, v, scale, causal, bq, np.int64(task), out)
 
 
 @jit()
@@ -193,7 +193,7 @@ def _varlen(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, out):
     """
     n = tasks.shape[0]
     for i in prange(n):
-        _varlen_task(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, i, out)
+        _varlen_task(q, kT, v, qs, ks, kbs, tasks, scale, causal, bq, np.int64(i), out)
 
 
 @jit()
@@ -212,7 +212,7 @@ def _flash(q, kT, v, scale, causal, bq, bk, out):
     """
     n = q.shape[1] * ((q.shape[0] + bq - 1) // bq)
     for task in prange(n):
-        _flash_task(q, kT, v, scale, causal, bq, bk, task, out)
+        _flash_task(q, kT, v, scale, causal, bq, bk, np.int64(task), out)
 
 
 @driver
@@ -225,7 +225,8 @@ def _transpose_keys(k, ks, blk_seq, blk_first, kT):
     """
     Hkv, nkb = kT.shape[0], kT.shape[1]
     for hg in prange(Hkv * nkb):
-        _transpose_block(k, ks, blk_seq, blk_first, hg // nkb, hg - (hg // nkb) * nkb, kT)
+        g = np.int64(hg)
+        _transpose_block(k, ks, blk_seq, blk_first, g // nkb, g - (g // nkb) * nkb, kT)
 
 
 @jit()
@@ -324,7 +325,7 @@ def _paged(q, kc, vc, tables, lens, scale, out):
     """
     n = q.shape[0] * q.shape[1]
     for task in prange(n):
-        _paged_row(q, kc, vc, tables, lens, scale, task, out)
+        _paged_row(q, kc, vc, tables, lens, scale, np.int64(task), out)
 
 
 @jit()

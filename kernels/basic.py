@@ -14,7 +14,7 @@ from ._jit import driver
 @driver
 def _add(x, y, out):
     for i in prange(x.size):
-        st(out, i, ld(x, i) + ld(y, i))
+        st(out, np.int64(i), ld(x, np.int64(i)) + ld(y, np.int64(i)))
 
 
 def add(x: np.ndarray, y: np.ndarray) -> np.ndarray:

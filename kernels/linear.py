@@ -141,7 +141,8 @@ def _gemm_rows(x, w, w2, b, mode, par, nthreads, out):
     N = w.shape[0]
     if par:
         nw = max(1, min(nthreads, N // 16))
-        for k in prange(nw):
+        for kk in prange(nw):
+            k = np.int64(kk)       # int64, as range's (prange's is unsigned): one specialisation
             _rows_streamed(x, w, w2, b, mode, k * N // nw, (k + 1) * N // nw, out)
     else:   # the same call (no literal 0: Numba would compile a second specialisation)
         for k in range(1):
@@ -295,9 +296,11 @@ def _gemm_tiles(x, w, w2, b, mode, pairs, lanes, mb_tiles, par, nthreads, ap, ou
     ntiles = -(-N // NR)
     if par:
         nw = max(1, min(nthreads, ntiles))
-        for k in prange(nw):
+        for kk in prange(nw):
+            k = np.int64(kk)       # int64, as range's (prange's is unsigned): one specialisation
             pack_tokens(x, k * M // nw, (k + 1) * M // nw, pairs, lanes, ap)
-        for k in prange(nw):
+        for kk in prange(nw):
+            k = np.int64(kk)
             _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles,
                           k * ntiles // nw, (k + 1) * ntiles // nw, out)
     else:   # the same calls (no literal 0: Numba would compile a second specialisation)

@@ -48,7 +48,7 @@ def _route_token(logits, scale, G, t, ids, weights):
 @driver
 def _route(logits, scale, G, ids, weights):
     for t in prange(logits.shape[0]):
-        _route_token(logits, scale, G, t, ids, weights)
+        _route_token(logits, scale, G, np.int64(t), ids, weights)
 
 
 def moge_route(router_logits: np.ndarray, router_scale: np.ndarray, num_groups: int,
@@ -96,7 +96,7 @@ def _combine_token(expert_out, rows, w, shared, t, out):
 @driver
 def _combine(expert_out, rows, w, shared, out):
     for t in prange(out.shape[0]):
-        _combine_token(expert_out, rows, w, shared, t, out)
+        _combine_token(expert_out, rows, w, shared, np.int64(t), out)
 
 
 def moe_block(x: np.ndarray, gate_weight: np.ndarray, router_scale: np.ndarray, experts,

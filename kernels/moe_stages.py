@@ -114,7 +114,7 @@ def _combine_token(rows, sca, dst, skips, n_skips, v1, t, out):
 @driver
 def _combine(rows, sca, dst, skips, n_skips, v1, out):
     for t in prange(out.shape[0]):
-        _combine_token(rows, sca, dst, skips, n_skips, v1, t, out)
+        _combine_token(rows, sca, dst, skips, n_skips, v1, np.int64(t), out)
 
 
 def moe_combine(rows: np.ndarray, scales, expanded_row_idx, skip=None, bias=None,

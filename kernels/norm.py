@@ -29,7 +29,7 @@ def _rms_row(x, w, eps, r, out):
 @driver
 def _rms_norm(x, w, eps, out):
     for r in prange(x.shape[0]):
-        _rms_row(x, w, eps, r, out)
+        _rms_row(x, w, eps, np.int64(r), out)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -64,7 +64,7 @@ def _add_rms_row(x, res, w, eps, r, x_sum, out, rstd):
 @driver
 def _add_rms_norm(x, res, w, eps, x_sum, out, rstd):
     for r in prange(x.shape[0]):
-        _add_rms_row(x, res, w, eps, r, x_sum, out, rstd)
+        _add_rms_row(x, res, w, eps, np.int64(r), x_sum, out, rstd)
 
 
 def add_rms_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float):

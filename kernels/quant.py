@@ -69,7 +69,7 @@ def _int8_matmul_parallel(x, w, out):
     T, K = x.shape
     N = w.shape[0]
     for b in prange((N + ROW_BLOCK - 1) // ROW_BLOCK):
-        _row_block(x, w, out, b * ROW_BLOCK, T, N, K)
+        _row_block(x, w, out, np.int64(b) * ROW_BLOCK, T, N, K)
 
 
 def int8_matmul(x_q: np.ndarray, w_q: np.ndarray) -> np.ndarray:

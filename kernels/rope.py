@@ -35,7 +35,7 @@ def _rope_row(x, c, s, t, out):
 @driver
 def _rope(x, c, s, out):
     for t in prange(x.shape[0]):
-        _rope_row(x, c, s, t, out)
+        _rope_row(x, c, s, np.int64(t), out)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

@@ -549,17 +549,19 @@ _THREAD_SCRIPT = textwrap.dedent("""
 
 
 def test_results_do_not_depend_on_the_thread_count():
+    """Every kernel's parallel form (`kernels._jit.driver`, REFIMPL_PARALLEL_MIN_WORK=0: taken
+    however small the inputs) on 1 and on 2 threads, and every kernel's serial form (a
+    threshold no input reaches), give the same bits."""
     digests = {}
-    for n in (1, 2):
-        # every kernel takes its parallel path, however small the inputs
-        env = dict(os.environ, NUMBA_NUM_THREADS=str(n), REFIMPL_PARALLEL_MIN_WORK="0")
+    for n, min_work in ((1, "0"), (2, "0"), (2, str(1 << 62))):
+        env = dict(os.environ, NUMBA_NUM_THREADS=str(n), REFIMPL_PARALLEL_MIN_WORK=min_work)
         res = subprocess.run([sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True,
                              text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
         threads, digest = res.stdout.split()[-2:]
         assert int(threads) == n
-        digests[n] = digest
-    assert digests[1] == digests[2]
+        digests[n, min_work] = digest
+    assert len(set(digests.values())) == 1, digests
 
 
 # ---------------------------------------------------------------------------- real shapes
@@ -579,6 +581,46 @@ def test_real_shapes_embedded_1b_layer():
         check(K.swiglu(x, wg, wu, wd), ops.swiglu(x, wg, wu, wd), "reduce", "bf16")
         q, k, v = randn(rng, (T, 12, D), dt), randn(rng, (300, 6, D), dt), randn(rng, (300, 6, D), dt)
         check(K.attention(q, k, v), ops.attention(q, k, v), "reduce", "bf16")
+
+
+def test_kernels_compile_at_their_own_llvm_level_and_leave_numbas_alone():
+    """`kernels._jit.jit` holds Numba's optimisation level at KERNEL_OPT while one of our
+    functions compiles (seen from inside the compile, where a callee is typed) and restores
+    the process's level after; a `driver`'s two forms are cached under their own names (Numba's
+    cache does not key on compile options) and compute the same."""
+    from numba import types
+    from numba.core import config
+    from numba.extending import intrinsic
+
+    from refimpl.kernels import _jit
+
+    seen = []
+
+    @intrinsic
+    def probe(typingctx):
+        seen.append(int(config.OPT))
+        return types.int64(), lambda context, builder, sig, args: context.get_constant(
+            types.int64, 1)
+
+    def body(n):
+        return n + probe()
+
+    before = config.OPT
+    f = _jit.jit()(body)
+    assert f(41) == 42
+    assert seen == [_jit.KERNEL_OPT] and config.OPT == before
+
+    def loop(a, out):
+        for i in numba.prange(a.size):
+            out[i] = a[i] * 2.0
+
+    d = _jit.Driver(loop)
+    assert d.serial.py_func.__qualname__ != d.parallel.py_func.__qualname__
+    a = np.arange(100.0)
+    out1, out2 = np.empty_like(a), np.empty_like(a)
+    d[False](a, out1)
+    d[True](a, out2)
+    assert np.array_equal(out1, out2) and np.array_equal(out1, 2 * a)
 
 
 def test_the_numba_cache_is_keyed_on_every_kernel_source(tmp_path):
