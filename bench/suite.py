@@ -315,12 +315,14 @@ def warmup_kernels(numerics: str) -> None:
 
 
 def first_real_forward(numerics: str) -> None:
-    """A first prefill (64 tokens) and decode step at the Embedded-1B width (2 layers): what
+    """A first prefill (64 tokens) and decode step at the Embedded-1B width (2 layers, a
+    4096-token vocabulary: building the real one would dominate the figure): what
     a real model compiles beyond `warmup_kernels`, the parallel forms of the kernels
     (`kernels._jit.driver`), whose inputs are large enough for the thread pool."""
     from refimpl import init_model
 
-    model = init_model(E2E_PRESET, numerics=numerics, backend="numba", num_hidden_layers=2)
+    model = init_model(E2E_PRESET, numerics=numerics, backend="numba", num_hidden_layers=2,
+                       vocab_size=4096, eos_token_id=2)   # the 1B shapes, a small table
     cache = model.new_cache(80)
     model.forward(np.arange(1, 65), cache, last_only=True)
     model.forward(np.array([65]), cache, last_only=True)
