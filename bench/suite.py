@@ -436,13 +436,14 @@ def gemm_cases(add_case, rng, dt, tops, tt, T) -> None:
         wd = _rand(rng, (H, I), dt, I ** -0.5)
         x = _rand(rng, (T, H), dt)
         tw = {k: tt(v) for k, v in dict(x=x, wq=wq, wg=wg, wu=wu, wd=wd).items()} if tops else None
+        w = (x, wq, wg, wu, wd)       # bound now: the loop rebinds the names
         add_case("linear q_proj", f"{tag} T={T} [{T},{H}]x[{Hq * 128},{H}]",
-                 lambda: ops.linear(x, wq), lambda: K.linear(x, wq),
-                 tops and (lambda: tops["linear"](tw["x"], tw["wq"])),
+                 lambda w=w: ops.linear(w[0], w[1]), lambda w=w: K.linear(w[0], w[1]),
+                 tops and (lambda tw=tw: tops["linear"](tw["x"], tw["wq"])),
                  flops=2 * T * H * Hq * 128)
         add_case("swiglu", f"{tag} T={T} [{T},{H}] I={I}",
-                 lambda: ops.swiglu(x, wg, wu, wd), lambda: K.swiglu(x, wg, wu, wd),
-                 tops and (lambda: tops["swiglu"](tw["x"], tw["wg"], tw["wu"], tw["wd"])),
+                 lambda w=w: ops.swiglu(*w[:1], *w[2:]), lambda w=w: K.swiglu(*w[:1], *w[2:]),
+                 tops and (lambda tw=tw: tops["swiglu"](tw["x"], tw["wg"], tw["wu"], tw["wd"])),
                  flops=2 * T * H * I * 3)
 
 

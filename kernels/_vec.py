@@ -363,14 +363,9 @@ def make_lane_gemm(MR: int, NR: int = 16):
 
             accs = [cgutils.alloca_once_value(builder, _splat(acc_ll, 0.0, V))
                     for _ in range(MR * NV)]
-            with cgutils.for_range(builder, nch_) as chunk, \
-                    cgutils.for_range(builder, q_) as step:
-                bo = builder.add(builder.add(b_off_, builder.mul(chunk.index, bcs_)),
-                                 builder.mul(step.index, ir.Constant(I64, NR)))
+            def step(bo, ao):   # one step: NR weights at bo, MR token values at ao
                 bv = [builder.load(vptr(bp, builder.add(bo, ir.Constant(I64, v * V))),
                                    align=align) for v in range(NV)]
-                s = builder.add(builder.mul(chunk.index, q_), step.index)
-                ao = builder.add(a_off_, builder.mul(s, ir.Constant(I64, MR)))
                 for i in range(MR):
                     s = builder.load(builder.gep(ap, [builder.add(ao, ir.Constant(I64, i))],
                                                  inbounds=True))
@@ -381,6 +376,21 @@ def make_lane_gemm(MR: int, NR: int = 16):
                     for v in range(NV):
                         slot = accs[i * NV + v]
                         builder.store(builder.call(vfma, [sv, bv[v], builder.load(slot)]), slot)
+
+            def chunks(q):      # every chunk's q steps written out (no inner loop)
+                with cgutils.for_range(builder, nch_) as chunk:
+                    bo = builder.add(b_off_, builder.mul(chunk.index, bcs_))
+                    ao = builder.add(a_off_, builder.mul(chunk.index, ir.Constant(I64, q * MR)))
+                    for st in range(q):
+                        step(builder.add(bo, ir.Constant(I64, st * NR)),
+                             builder.add(ao, ir.Constant(I64, st * MR)))
+
+            two = builder.icmp_signed("==", q_, ir.Constant(I64, 2))
+            with builder.if_else(two) as (pairs, single):
+                with pairs:
+                    chunks(2)
+                with single:
+                    chunks(1)
             # the tree: stored sibling subtree (lower lanes) + this one, nmerge times
             with cgutils.for_range(builder, nm_) as loop:
                 m = builder.sub(builder.sub(nm_, ir.Constant(I64, 1)), loop.index)

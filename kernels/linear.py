@@ -13,23 +13,24 @@ gives the bits of an AVX-512 one. Threads share output features (weight rows) on
   prefetcher serves best (measured: 33 GB/s with two threads, against 26 GB/s when four or
   six rows are interleaved).
 * Prefill (`_gemm_tiles`): the lanes of a dot product never meet until the tree, so the
-  lanes of MR x 16 dot products are 16 independent GEMMs, each summing its k in the lane's
-  order; each is run as the outer-product micro-kernel of GotoBLAS (`_vec.lane_gemm`: one
-  token value broadcast against 16 weight rows, MR x 16 accumulators in registers), which
-  streams far fewer bytes per fma than dot products of whole rows. Per call:
+  lanes of MR x NR dot products are 16 independent GEMMs, each summing its k in the lane's
+  order; each is run as the outer-product micro-kernel of GotoBLAS (`_vec.make_lane_gemm`:
+  one token value broadcast against NR weight rows, MR x NR accumulators in registers), which
+  streams far fewer bytes per fma than dot products of whole rows (docs/kernels.md). Per call:
   1. the tokens are packed once (`pack_tokens`): widened, lane after lane, MR tokens
      together per step, zero rows up to a multiple of MR;
-  2. each thread owns a range of 16-row weight tiles; a tile is packed once
+  2. each thread owns a range of NR-row weight tiles; a tile is packed once
      (`_pack_weights`: widened and transposed by `_vec.pack_lanes`, chunk after chunk, its
      rows asked from memory PACK_AHEAD chunks ahead), then for every block of MB_TILES
      token tiles the 16 lanes run in the tree's post-order (`_vec.lane_order`), one lane's
-     weights (K/16 steps x 16 rows) staying in L1 while the token tiles pass;
+     weights (K/16 steps x NR rows) staying in L1/L2 while the token tiles pass;
   3. each lane's result is added at once to the sibling subtrees it completes (a stack of
      at most STACK tiles per token tile, `lane_gemm`'s merge), so when the last lane is done
      the stack holds the sums, and the epilogue (the last K mod 16/32 products in order, the
      bias or gate-up's SwiGLU, the one rounding) writes them out.
-  The tile follows the ISA (`tile_shape`): 8 tokens with AVX-512 (8 zmm accumulators),
-  6 with AVX2 (12 ymm: 16 weight rows are two ymm).
+  The tile follows the ISA (`tile_shape`): 8 tokens x 32 rows with AVX-512 (16 zmm
+  accumulators: a broadcast token value feeds two fmas), 6 x 16 with AVX2 (12 ymm: 16
+  weight rows are two ymm).
 
 * No BLAS, also for float32 weights: inside the numba backend BLAS's threads and Numba's
   OpenMP workers want the same cores (measured at Embedded-1B width, 8 layers, fp32:
