@@ -213,7 +213,8 @@ def _make_dot(MR: int, NR: int):
 
 dot_1x1 = _make_dot(1, 1)
 dot_1x4 = _make_dot(1, 4)
-dot_4x1 = _make_dot(4, 1)
+dot_4x2 = _make_dot(4, 2)
+dot_1x2 = _make_dot(1, 2)
 
 
 

@@ -7,11 +7,12 @@ added in order. Whatever path, tile, block, ISA or thread count computes an outp
 that dot product, so linear(x)[t] equals linear(x[t:t+1]) bit for bit and an AVX2 host
 gives the bits of an AVX-512 one. Threads share output features (weight rows) only.
 
-* Decode (fewer than MR tokens, or fewer than 16 weight rows): a row-parallel matvec. Each
-  thread walks its weight rows in order, one row at a time (`_vec.dot_1x1`), so the weights
-  stream once from memory in a single sequential stream per thread, which the hardware
-  prefetcher serves best (measured: 33 GB/s with two threads, against 26 GB/s when four or
-  six rows are interleaved).
+* Decode and small groups (fewer than ROWS_BELOW tokens, or fewer than NR weight rows): a
+  row-parallel matvec. Each thread walks its weight rows in order, so the weights stream
+  once from memory, unpacked. One token takes one row at a time (`_vec.dot_1x1`: a single
+  sequential stream per thread, which the hardware prefetcher serves best, measured 33 GB/s
+  with two threads against 26 GB/s when four or six rows are interleaved); more tokens take
+  two rows at a time, four tokens against the pair (`_vec.dot_4x2`).
 * Prefill (`_gemm_tiles`): the lanes of a dot product never meet until the tree, so the
   lanes of MR x NR dot products are 16 independent GEMMs, each summing its k in the lane's
   order; each is run as the outer-product micro-kernel of GotoBLAS (`_vec.make_lane_gemm`:
@@ -56,8 +57,8 @@ from refimpl.numerics import STORAGE_DTYPES, bfloat16
 
 from ._dtypes import acc_np, check_dtype, empty, fma, ld, parallel, raw, rnd, silu, st
 from ._jit import jit
-from ._vec import (LANE_NR, VECTOR_BITS, dot_1x1, dot_4x1, lane_order, make_lane_gemm,
-                   pack_lanes, prefetch)
+from ._vec import (LANE_NR, VECTOR_BITS, dot_1x1, dot_1x2, dot_4x2, lane_order,
+                   make_lane_gemm, pack_lanes, prefetch)
 
 #: tokens per prefill tile by vector width: MR x 16 float32 accumulators + 16 weights + one
 #: broadcast token value within the registers (AVX-512 8 x 16: 10 of 32 zmm; AVX2 6 x 16:
@@ -93,6 +94,11 @@ STACK = 4
 
 #: decode: gate rows then up rows stream in runs of this many rows
 ROW_RUN = 256
+#: fewer tokens than this take the streamed-rows path (no packing): with AVX-512 up to 15
+#: (measured at the Pro-MoE expert shape, 64 experts' gate-up from memory, bf16: 8 tokens
+#: 149 -> 117 ms, 12 tokens 213 -> 151 ms; level at 16), with AVX2 below the tile height
+#: (there the rows path's eight 16-lane accumulators are 16 ymm and spill)
+ROWS_BELOW = 16 if VECTOR_BITS == 512 else MR
 
 MODE_LINEAR, MODE_GATE_UP = 0, 1
 
@@ -114,23 +120,52 @@ def _flush_one(out, t, n, s, u, b, mode):
 
 @jit()
 def _row_dots(x, w, n, M, K, dst, d0):
-    """dst[d0 + t] = dot(x[t], w[n]) for the M (few) tokens: four at a time against the row
-    (`_vec.dot_4x1`: four independent fma chains, where one token at a time would wait on
-    each fma's latency: measured 11-15 GB/s for 4 tokens, the memory's ~35 GB/s with 4x1),
-    the last M mod 4 alone; every one the same dot product."""
+    """dst[d0 + t] = dot(x[t], w[n]) for the M tokens, one at a time (`_vec.dot_1x1`): the
+    decode path of one token, and an odd last row."""
+    for t in range(M):
+        dst[d0 + t] = dot_1x1(x, t * K, 0, w, n * K, 0, K)[0]
+
+
+@jit()
+def _row_pair_dots(x, w, n, M, K, dst, d0):
+    """dst[d0 + t] = dot(x[t], w[n]), dst[d0 + M + t] = dot(x[t], w[n + 1]): two rows at
+    once, four tokens at a time (`_vec.dot_4x2`: eight independent fma chains, each token
+    vector loaded once for two rows), the last M mod 4 tokens one at a time against both
+    rows (`dot_1x2`). Measured at the Pro-MoE expert shape (64 experts' gate-up from
+    memory, bf16, AVX-512): 4 tokens 123 -> 86 ms against one row at a time and four
+    tokens against it (four fma chains, two dependent fmas per bfloat16 pair: latency
+    bound), 2 tokens 89 -> 78 ms; every value the same dot product."""
     t = 0
     while t + 4 <= M:
-        v = dot_4x1(x, t * K, K, w, n * K, 0, K)
-        dst[d0 + t], dst[d0 + t + 1], dst[d0 + t + 2], dst[d0 + t + 3] = v[0], v[1], v[2], v[3]
+        v = dot_4x2(x, t * K, K, w, n * K, K, K)
+        dst[d0 + t], dst[d0 + M + t] = v[0], v[1]
+        dst[d0 + t + 1], dst[d0 + M + t + 1] = v[2], v[3]
+        dst[d0 + t + 2], dst[d0 + M + t + 2] = v[4], v[5]
+        dst[d0 + t + 3], dst[d0 + M + t + 3] = v[6], v[7]
         t += 4
     while t < M:
-        dst[d0 + t] = dot_1x1(x, t * K, 0, w, n * K, 0, K)[0]
+        v = dot_1x2(x, t * K, 0, w, n * K, K, K)
+        dst[d0 + t], dst[d0 + M + t] = v[0], v[1]
         t += 1
 
 
 @jit()
+def _run_dots(x, w, r0, r1, M, K, dst):
+    """dst[(n - r0) * M + t] = dot(x[t], w[n]) for rows r0..r1-1: two rows at a time, or
+    one at a time for one token (one sequential weight stream: 33 GB/s against 26 GB/s
+    when rows are interleaved, see the module docstring)."""
+    n = r0
+    while M > 1 and n + 2 <= r1:
+        _row_pair_dots(x, w, n, M, K, dst, (n - r0) * M)
+        n += 2
+    while n < r1:
+        _row_dots(x, w, n, M, K, dst, (n - r0) * M)
+        n += 1
+
+
+@jit()
 def _rows_streamed(x, w, w2, b, mode, n0, n1, out):
-    """Rows n0..n1-1 one at a time, every token (few) against the row while it is in L1;
+    """Rows n0..n1-1 in order (`_run_dots`), every token (few) against them while in L1;
     with two weights, all rows of w first, then those of w2 (one sequential stream at a
     time), ROW_RUN rows at a time."""
     M, K = x.shape
@@ -138,11 +173,9 @@ def _rows_streamed(x, w, w2, b, mode, n0, n1, out):
     u = np.empty(ROW_RUN * M, b.dtype)
     for r0 in range(n0, n1, ROW_RUN):
         r1 = min(n1, r0 + ROW_RUN)
-        for n in range(r0, r1):
-            _row_dots(x, w, n, M, K, g, (n - r0) * M)
+        _run_dots(x, w, r0, r1, M, K, g)
         if mode == MODE_GATE_UP:
-            for n in range(r0, r1):
-                _row_dots(x, w2, n, M, K, u, (n - r0) * M)
+            _run_dots(x, w2, r0, r1, M, K, u)
         for n in range(r0, r1):
             for t in range(M):
                 i = (n - r0) * M + t
@@ -345,7 +378,7 @@ def _run(x2, w, w2, b, mode, out_dtype):
     if M and N:
         xr = raw(x2)
         work = M * K * N * (2 if mode == MODE_GATE_UP else 1)
-        if M < MR or N < NR:
+        if M < ROWS_BELOW or N < NR:
             _gemm_rows(xr, raw(w), raw(w2), b, mode, parallel(work), numba.get_num_threads(),
                        out_raw)
         else:

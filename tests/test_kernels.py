@@ -204,13 +204,16 @@ def test_linear_matches_spec(mode, M, Kd, N):
 
 def test_linear_row_is_the_same_in_any_tile():
     """An output is the same dot product whether computed in a prefill tile (a lane GEMM,
-    M >= MR tokens) or alone (the decode matvec): K with and without a tail past the last
-    whole chunk, N with an overlapping last tile, the bias and gate-up's epilogue too."""
+    M >= ROWS_BELOW tokens), in a small group (two weight rows at a time, four tokens or one
+    against the pair, an odd last row alone) or alone (the decode matvec): K with and
+    without a tail past the last whole chunk, N with an overlapping last tile, the bias and
+    gate-up's epilogue too."""
     import importlib
     L = importlib.import_module("refimpl.kernels.linear")
     rng = np.random.default_rng(3)
     for dt in MODES.values():
-        for M, Kd, N in ((11, 77, 10), (2 * L.MR + 3, 96, 17), (3 * L.MR, 64, 40)):
+        for M, Kd, N in ((11, 77, 10), (6, 200, 21), (L.ROWS_BELOW - 1, 77, 33),
+                         (L.ROWS_BELOW + 3, 96, 17), (3 * L.MR, 64, 40), (2 * L.ROWS_BELOW, 64, 40)):
             x = randn(rng, (M, Kd), dt)
             w, w2 = randn(rng, (N, Kd), dt, 0.1), randn(rng, (N, Kd), dt, 0.1)
             b = randn(rng, N, dt, 0.1)
