@@ -56,11 +56,20 @@ MOE_SHAPE = dict(hidden=5120, experts=64, groups=8, inter=1344, shared=5376)
 
 
 # ============================================================================ helpers
+#: seconds of rest before each measurement: the thread pools of the library timed before
+#: (OpenBLAS: about 2^28 cycles, 70 ms here; PyTorch's and Numba's OpenMP) spin-wait after
+#: their last call and would take the cores from the next one's threads (the shortest
+#: prefill GEMM row, 1B q_proj T=128 after the RMSNorm row's PyTorch call, measured at 33-41%
+#: of the FMA peak in some runs and 76% in others; 73-84% timed alone)
+REST_S = 0.25
+
+
 def best_time(fn, repeat: int, warmup: int = 1) -> float:
     """The least seconds of `repeat` calls of fn() after `warmup` untimed calls. The best, not
     the median: on a shared machine other jobs only ever add time (measured here: one
     configuration's GEMM between 138 and 181 GFLOP/s from run to run), so the best of N is
     the steadier estimate of what the code itself costs."""
+    time.sleep(REST_S)
     for _ in range(warmup):
         fn()
     times = []
