@@ -315,23 +315,24 @@ LANE_NR = 16
 
 
 def make_lane_gemm(MR: int, NR: int = 16):
-    """The intrinsic lane_gemm(a, a_off, b, b_off, depth, c, c_off): one lane of the MR x 16
-    dot products of a tile, as an outer-product GEMM over that lane's `depth` steps.
+    """The intrinsic lane_gemm(a, a_off, b, b_off, nchunks, per_chunk, b_cs, c, c_off, nmerge,
+    m_stride): one lane of the MR x NR dot products of a tile, as an outer-product GEMM over
+    that lane's nchunks * per_chunk steps.
 
     Lane l of a dot product (`dot_1x1`) is a chain of fmas over its own k in increasing
-    order, independent of the other lanes until the tree; so the lanes of MR x 16 dot
+    order, independent of the other lanes until the tree; so the lanes of MR x NR dot
     products are 16 (8 in float64) small GEMMs, each with the chain order. Here one of them:
 
-        c[c_off + i*16 + j] = fma(a[s, i], b[s, j], ... fma(a[0, i], b[0, j], 0))
+        c[c_off + i*NR + j] = fma(a[s, i], b[s, j], ... fma(a[0, i], b[0, j], 0))
         a[s, i] = a[a_off + s*MR + i]   (step s of token i of the tile, packed)
-        b[s, j] = b[b_off + (s // Q)*b_cs + (s % Q)*16 + j]   (weight row j, packed)
+        b[s, j] = b[b_off + (s // Q)*b_cs + (s % Q)*NR + j]   (weight row j, packed)
 
     for s < nchunks * Q, Q = per_chunk (1, or 2 in bfloat16 pairs): the weight panel is laid
     out chunk after chunk (`pack_lanes`), b_cs apart.
 
-    a token value broadcast against a vector of 16 weight rows: MR*16/V accumulators, 16/V
-    weight vectors and one broadcast in registers (AVX2 6 x 16: 12 + 2 + 1 of 16 ymm;
-    AVX-512 12 x 16: 12 + 1 + 1 of 32 zmm), one token value loaded per 16/V fmas.
+    A token value is broadcast against NR weight rows: MR*NR/V accumulators, NR/V weight
+    vectors and one broadcast in registers (AVX2 6 x 16: 12 + 2 + 1 of 16 ymm; AVX-512
+    8 x 32: 16 + 2 + 1 of 32 zmm), one token value loaded per NR/V fmas.
 
     Then the lane tree, folded in: with the lanes run in the tree's post-order (`lane_order`),
     the sibling subtrees this lane completes are the last `nmerge` tiles stored before it,
@@ -364,6 +365,7 @@ def make_lane_gemm(MR: int, NR: int = 16):
 
             accs = [cgutils.alloca_once_value(builder, _splat(acc_ll, 0.0, V))
                     for _ in range(MR * NV)]
+
             def step(bo, ao):   # one step: NR weights at bo, MR token values at ao
                 bv = [builder.load(vptr(bp, builder.add(bo, ir.Constant(I64, v * V))),
                                    align=align) for v in range(NV)]
@@ -503,16 +505,19 @@ def pack_lanes(typingctx, w, w_off, w_ld, pairs, dst, d_off, d_ld, d_odd):
             return builder.add(builder.add(w_off_, builder.mul(w_ld_, ir.Constant(I64, j))),
                                ir.Constant(I64, extra))
 
+        def put(v, l, parity, rg):   # rows rg*width.. of lane l (parity: odd elements)
+            off = builder.add(builder.add(d_off_, builder.mul(d_ld_, ir.Constant(I64, l))),
+                              builder.add(builder.mul(d_odd_, ir.Constant(I64, parity)),
+                                          ir.Constant(I64, rg * width)))
+            builder.store(v, builder.bitcast(builder.gep(dp, [off], inbounds=True),
+                                             vt.as_pointer()), align=_abi(acc_ll))
+
         def store(rows, parity):
             # column l of the transpose: lane l of every row; only the first L are lanes
             cols = _transpose_blocks(builder, rows, width)
             for l in range(L):
                 for rg, piece in enumerate(cols[l]):
-                    off = builder.add(builder.add(d_off_, builder.mul(d_ld_, ir.Constant(I64, l))),
-                                      builder.add(builder.mul(d_odd_, ir.Constant(I64, parity)),
-                                                  ir.Constant(I64, rg * width)))
-                    builder.store(piece, builder.bitcast(builder.gep(dp, [off], inbounds=True),
-                                                         vt.as_pointer()), align=_abi(acc_ll))
+                    put(piece, l, parity, rg)
 
         def pad(v, n):  # <n x T> -> <R x T> (n <= R), zeros past n
             if n == R:
@@ -539,13 +544,8 @@ def pack_lanes(typingctx, w, w_off, w_ld, pairs, dst, d_off, d_ld, d_odd):
                                                    vt)
                             odd = builder.bitcast(builder.and_(piece, _splat(I32, 0xFFFF0000,
                                                                              width)), vt)
-                            for parity, v in ((0, even), (1, odd)):
-                                off = builder.add(builder.add(d_off_, builder.mul(
-                                    d_ld_, ir.Constant(I64, l))), builder.add(builder.mul(
-                                        d_odd_, ir.Constant(I64, parity)),
-                                        ir.Constant(I64, rg * width)))
-                                builder.store(v, builder.bitcast(builder.gep(
-                                    dp, [off], inbounds=True), vt.as_pointer()), align=4)
+                            put(even, l, 0, rg)
+                            put(odd, l, 1, rg)
                 with other:
                     natural()
         else:

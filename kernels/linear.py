@@ -60,9 +60,9 @@ from ._jit import jit
 from ._vec import (LANE_NR, VECTOR_BITS, dot_1x1, dot_1x2, dot_4x2, lane_order,
                    make_lane_gemm, pack_lanes, prefetch)
 
-#: tokens per prefill tile by vector width: MR x 16 float32 accumulators + 16 weights + one
-#: broadcast token value within the registers (AVX-512 8 x 16: 10 of 32 zmm; AVX2 6 x 16:
-#: 15 of 16 ymm); measured 99% of the FMA peak in L1, one thread (BENCHMARKS.md, issue 16)
+#: (MR, NR) by vector width: MR x NR float32 accumulators + NR weights + one broadcast token
+#: value within the registers (AVX-512 8 x 32: 16 + 2 + 1 of 32 zmm; AVX2 6 x 16: 12 + 2 + 1
+#: of 16 ymm)
 TILES = {512: (8, 32), 256: (6, 16), 128: (6, 16)}
 
 
@@ -107,7 +107,7 @@ MODE_LINEAR, MODE_GATE_UP = 0, 1
 @jit()
 def _flush_one(out, t, n, s, u, b, mode):
     """out[t, n] = epilogue(s, u): s + bias rounded (linear), or the SwiGLU of gate s and
-    up u (gate-up)."""
+    up u (gate-up); the one epilogue of both paths (rows and tiles)."""
     if mode == MODE_LINEAR:
         if b.size:
             s = s + b[n]
@@ -234,8 +234,9 @@ def pack_tokens(x, t0, t1, pairs, lanes, ap):
 PACK_AHEAD = 8
 
 
-def chunk_stride(lanes: int, pairs: int) -> int:
-    """Elements from one chunk of a packed weight tile to the next: every lane's 16-row
+@jit()
+def chunk_stride(lanes, pairs):
+    """Elements from one chunk of a packed weight tile to the next: every lane's NR-row
     vectors of the chunk (two in pairs), and one vector more, so that one lane's vectors,
     read chunk after chunk, do not fall into a few sets of the L1 cache."""
     return lanes * (2 if pairs else 1) * NR + NR
@@ -243,14 +244,15 @@ def chunk_stride(lanes: int, pairs: int) -> int:
 
 @jit()
 def _pack_weights(w, n0, pairs, lanes, bp):
-    """Weight rows n0..n0+15 packed chunk after chunk (`_vec.pack_lanes`), each chunk written
-    in one run: bp[c*CS + l*Q*16 + q*16 + j] = w[n0 + j, lane_k(c*Q + q, l)], CS =
+    """Weight rows n0..n0+NR-1 packed chunk after chunk (`_vec.pack_lanes`, 16 rows a call),
+    each chunk written in one run: bp[c*CS + l*Q*NR + q*NR + j] = w[n0 + j, lane_k(c*Q + q,
+    l)], CS =
     chunk_stride(lanes, pairs), Q = 2 in pairs else 1; rows asked for PACK_AHEAD chunks
     ahead."""
     K = w.shape[1]
     Q = 2 if pairs else 1
     S = lanes * Q
-    CS = lanes * Q * NR + NR
+    CS = chunk_stride(lanes, pairs)
     ahead = PACK_AHEAD * S * w.itemsize // 64 * 64 // w.itemsize   # whole lines ahead
     for c in range(K // S):
         k = c * S
@@ -275,32 +277,22 @@ def _epilogue(cb, cb2, ap, w, w2, b, mode, t0, t1, n0, j0, Kv, out):
                     cb[c] = fma(ap[tail + k], ld(w, (n0 + j, k)), cb[c])
                     if mode == MODE_GATE_UP:
                         cb2[c] = fma(ap[tail + k], ld(w2, (n0 + j, k)), cb2[c])
-    if mode == MODE_LINEAR:
-        for t in range(t0, t1):
-            row = (t - t0) * NR - n0
-            if b.size:
-                for n in range(n0 + j0, n0 + NR):
-                    st(out, (t, n), cb[row + n] + b[n])
-            else:
-                for n in range(n0 + j0, n0 + NR):
-                    st(out, (t, n), cb[row + n])
-    else:
-        for t in range(t0, t1):
-            row = (t - t0) * NR - n0
-            for n in range(n0 + j0, n0 + NR):
-                g = rnd(cb[row + n], out)
-                st(out, (t, n), rnd(silu(g), out) * rnd(cb2[row + n], out))
+    for t in range(t0, t1):
+        row = (t - t0) * NR - n0
+        for n in range(n0 + j0, n0 + NR):   # (linear ignores the up sum; cb2 is empty there)
+            up = cb2[row + n] if mode == MODE_GATE_UP else cb[row + n]
+            _flush_one(out, t, n, cb[row + n], up, b, mode)
 
 
 @jit()
 def _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles, j0, j1, out):
-    """Weight tiles j0..j1-1 (tile j: rows min(16 j, N - 16) .. + 16; the last one may
+    """Weight tiles j0..j1-1 (tile j: rows min(NR j, N - NR) .. + NR; the last one may
     overlap its neighbour and writes only its own rows) for every token."""
     N, K = w.shape
     Q = 2 if pairs else 1
     Kv = K // (lanes * Q) * lanes * Q
     D = Kv // lanes
-    CS = lanes * Q * NR + NR                            # chunk_stride(lanes, pairs)
+    CS = chunk_stride(lanes, pairs)
     nch = K // (lanes * Q)
     bp = np.empty(nch * CS, ap.dtype)                   # the tile's weights, packed
     bp2 = np.empty(nch * CS if mode == MODE_GATE_UP else 0, ap.dtype)
@@ -335,8 +327,8 @@ def _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles, j0, j1, out
 
 @jit(parallel=True)
 def _gemm_tiles(x, w, w2, b, mode, pairs, lanes, mb_tiles, par, nthreads, ap, out):
-    """out[t, n] = epilogue(dot(x[t], w[n]), dot(x[t], w2[n])) for M >= MR tokens and
-    N >= NR rows; threads share weight tiles; ap: zeros for the packed tokens (Mp x K, Mp =
+    """out[t, n] = epilogue(dot(x[t], w[n]), dot(x[t], w2[n])) for M >= ROWS_BELOW tokens
+    and N >= NR rows; threads share weight tiles; ap: zeros for the packed tokens (Mp x K, Mp =
     M rounded up to MR). # x [M, K], w/w2 [N, K] -> out [M, N]"""
     M, K = x.shape
     N = w.shape[0]
