@@ -39,7 +39,7 @@ Conventions (see each module's docstring for its kernel):
   vector code as fast as -O3 and compiles in 70% of the time); the loops over independent
   work items are `_jit.driver`s, compiled in a serial form and, only when an input first
   needs the thread pool, a parallel one. The first call of the kernels of a dtype compiles
-  them (`python -m refimpl bench --only compile`: about 10 s on small inputs, 4-5 s more at
+  them (`python -m refimpl bench --only compile`: 8-12 s on small inputs, 5-6 s more at
   real width, on the project's machine), later processes load them from the cache. The
   cache lives in a directory named after a hash of every kernel source file
   (`_cache.cache_dir`, kernels/__pycache__/numba-HASH), because Numba's own index only

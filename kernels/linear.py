@@ -56,7 +56,7 @@ from refimpl import ops as spec
 from refimpl.numerics import STORAGE_DTYPES, bfloat16
 
 from ._dtypes import acc_np, check_dtype, empty, fma, ld, parallel, raw, rnd, silu, st
-from ._jit import jit
+from ._jit import driver, jit
 from ._vec import (LANE_NR, VECTOR_BITS, dot_1x1, dot_1x2, dot_4x2, lane_order,
                    make_lane_gemm, pack_lanes, prefetch)
 
@@ -182,19 +182,14 @@ def _rows_streamed(x, w, w2, b, mode, n0, n1, out):
                 _flush_one(out, t, n, g[i], u[i], b, mode)
 
 
-@jit(parallel=True)
-def _gemm_rows(x, w, w2, b, mode, par, nthreads, out):
-    """out[t, n] for few tokens: worker k owns rows [k N / nw, (k+1) N / nw), one sequential
-    stream per weight. # x [M, K], w/w2 [N, K] -> out [M, N]"""
+@driver
+def _gemm_rows(x, w, w2, b, mode, nw, out):
+    """out[t, n] for few tokens: worker k of nw owns rows [k N / nw, (k+1) N / nw), one
+    sequential stream per weight. # x [M, K], w/w2 [N, K] -> out [M, N]"""
     N = w.shape[0]
-    if par:
-        nw = max(1, min(nthreads, N // 16))
-        for kk in prange(nw):
-            k = np.int64(kk)       # int64, as range's (prange's is unsigned): one specialisation
-            _rows_streamed(x, w, w2, b, mode, k * N // nw, (k + 1) * N // nw, out)
-    else:   # the same call (no literal 0: Numba would compile a second specialisation)
-        for k in range(1):
-            _rows_streamed(x, w, w2, b, mode, k * N, (k + 1) * N, out)
+    for kk in prange(nw):
+        k = np.int64(kk)
+        _rows_streamed(x, w, w2, b, mode, k * N // nw, (k + 1) * N // nw, out)
 
 
 # ---------------------------------------------------------------------------- prefill
@@ -325,29 +320,23 @@ def _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles, j0, j1, out
                           jt * NR - n0, Kv, out)
 
 
-@jit(parallel=True)
-def _gemm_tiles(x, w, w2, b, mode, pairs, lanes, mb_tiles, par, nthreads, ap, out):
+@driver
+def _gemm_tiles(x, w, w2, b, mode, pairs, lanes, mb_tiles, nw, ap, out):
     """out[t, n] = epilogue(dot(x[t], w[n]), dot(x[t], w2[n])) for M >= ROWS_BELOW tokens
-    and N >= NR rows; threads share weight tiles; ap: zeros for the packed tokens (Mp x K, Mp =
-    M rounded up to MR). # x [M, K], w/w2 [N, K] -> out [M, N]"""
+    and N >= NR rows; worker k of nw packs its share of the tokens, then owns weight tiles
+    [k ntiles / nw, (k+1) ntiles / nw); ap: zeros for the packed tokens (Mp x K, Mp = M
+    rounded up to MR). # x [M, K], w/w2 [N, K] -> out [M, N]"""
     M, K = x.shape
     N = w.shape[0]
     Mp = ap.size // K
     ntiles = -(-N // NR)
-    if par:
-        nw = max(1, min(nthreads, ntiles))
-        for kk in prange(nw):
-            k = np.int64(kk)       # int64, as range's (prange's is unsigned): one specialisation
-            pack_tokens(x, k * M // nw, (k + 1) * M // nw, pairs, lanes, ap)
-        for kk in prange(nw):
-            k = np.int64(kk)
-            _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles,
-                          k * ntiles // nw, (k + 1) * ntiles // nw, out)
-    else:   # the same calls (no literal 0: Numba would compile a second specialisation)
-        for k in range(1):
-            pack_tokens(x, k * M, (k + 1) * M, pairs, lanes, ap)
-            _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles, k * ntiles,
-                          (k + 1) * ntiles, out)
+    for kk in prange(nw):
+        k = np.int64(kk)
+        pack_tokens(x, k * M // nw, (k + 1) * M // nw, pairs, lanes, ap)
+    for kk in prange(nw):
+        k = np.int64(kk)
+        _tiles_worker(ap, M, Mp, w, w2, b, mode, pairs, lanes, mb_tiles,
+                      k * ntiles // nw, (k + 1) * ntiles // nw, out)
 
 
 def _kernel_ok(x: np.ndarray, *weights) -> bool:
@@ -370,15 +359,18 @@ def _run(x2, w, w2, b, mode, out_dtype):
     if M and N:
         xr = raw(x2)
         work = M * K * N * (2 if mode == MODE_GATE_UP else 1)
+        par = parallel(work)
+        threads = numba.get_num_threads() if par else 1
         if M < ROWS_BELOW or N < NR:
-            _gemm_rows(xr, raw(w), raw(w2), b, mode, parallel(work), numba.get_num_threads(),
-                       out_raw)
+            nw = max(1, min(threads, N // 16))
+            _gemm_rows[par](xr, raw(w), raw(w2), b, mode, nw, out_raw)
         else:
             lanes = 8 if b.dtype == np.float64 else 16
             pairs = int(np.dtype(x2.dtype) == bfloat16 and np.dtype(w.dtype) == bfloat16)
             ap = np.zeros(-(-M // MR) * MR * K, b.dtype)   # packed tokens, zero rows past M
-            _gemm_tiles(xr, raw(w), raw(w2), b, mode, pairs, lanes, MB_TILES, parallel(work),
-                        numba.get_num_threads(), ap, out_raw)
+            nw = max(1, min(threads, -(-N // NR)))
+            _gemm_tiles[par](xr, raw(w), raw(w2), b, mode, pairs, lanes, MB_TILES, nw, ap,
+                             out_raw)
     return out
 
 

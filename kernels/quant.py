@@ -25,7 +25,7 @@ from refimpl import ops as spec
 from refimpl.ops.quant import check_int8, check_int8_shapes
 
 from ._dtypes import parallel
-from ._jit import jit
+from ._jit import driver, jit
 
 #: weight rows per parallel work item
 ROW_BLOCK = 16
@@ -56,16 +56,8 @@ def _row_block(x, w, out, n0, T, N, K):
                 out[t, n] = _dot_i8(x, t, w, n, K)
 
 
-@jit()
-def _int8_matmul_serial(x, w, out):
-    T, K = x.shape
-    N = w.shape[0]
-    for n0 in range(0, N, ROW_BLOCK):
-        _row_block(x, w, out, n0, T, N, K)
-
-
-@jit(parallel=True)
-def _int8_matmul_parallel(x, w, out):
+@driver
+def _int8_matmul(x, w, out):
     T, K = x.shape
     N = w.shape[0]
     for b in prange((N + ROW_BLOCK - 1) // ROW_BLOCK):
@@ -81,8 +73,8 @@ def int8_matmul(x_q: np.ndarray, w_q: np.ndarray) -> np.ndarray:
     N = w_q.shape[0]
     out = np.zeros((T, N), np.int32)
     if T and N and K:
-        run = _int8_matmul_parallel if parallel(T * N * K) else _int8_matmul_serial
-        run(np.ascontiguousarray(x_q), np.ascontiguousarray(w_q), out)
+        _int8_matmul[parallel(T * N * K)](np.ascontiguousarray(x_q), np.ascontiguousarray(w_q),
+                                          out)
     return out
 
 
